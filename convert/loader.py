@@ -1,0 +1,133 @@
+"""`load_transformer` and `convert`: any supported checkpoint form -> (config, params).
+
+Accepted forms:
+- a jaxdit checkpoint directory (written by `convert` / `jaxdit convert`);
+- a diffusers model folder: `config.json` + one `.safetensors` file or a sharded `*.safetensors.index.json`,
+  or a pipeline folder with `model_index.json` (its `transformer/` is used);
+- an original single-file checkpoint (`.safetensors`), family and config read off its tensors.
+Pickle-based files (.bin/.pt/.ckpt) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdit.convert import checkpoint as ckpt
+from jaxdit.convert.safetensors_io import CheckpointError, TensorSource, refuse_pickle
+from jaxdit.convert.tree import fill_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    diffusers_class: str
+    config_from_diffusers: Callable[[dict], Any]
+    abstract_params: Callable[[Any], Any]
+    stacks: Callable[[Any], dict[str, int]]
+    is_original: Callable[[list[str]], bool]
+    rename_original: Callable
+    infer_original_config: Callable
+
+
+def families() -> dict[str, Family]:
+    from jaxdit import flux
+    from jaxdit.configs import FluxConfig
+    from jaxdit.convert.keymaps import flux as flux_keys
+
+    return {
+        "flux": Family(
+            "flux", flux_keys.DIFFUSERS_CLASS, FluxConfig.from_diffusers, flux.abstract_params,
+            lambda c: {"transformer_blocks": c.num_layers, "single_transformer_blocks": c.num_single_layers},
+            flux_keys.is_original, flux_keys.rename_original, flux_keys.infer_original_config),
+    }
+
+
+def _family_for_class(cls_name: str, where) -> Family:
+    for fam in families().values():
+        if fam.diffusers_class == cls_name:
+            return fam
+    known = [f.diffusers_class for f in families().values()]
+    raise CheckpointError(f"{where}: model class {cls_name!r} is not supported (supported: {known})")
+
+
+def _progress(desc: str, total: int):
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, total=total, unit="tensor", leave=False, disable=total < 64)
+
+
+def read_torch_checkpoint(path, dtype=None, config=None):
+    """(config, numpy params) from a diffusers folder or an original single file."""
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        if not (path / "transformer").is_dir():
+            raise CheckpointError(f"{path}: pipeline folder without a transformer/ component")
+        path = path / "transformer"
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path}: a diffusers model folder needs config.json")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        fam = _family_for_class(raw.get("_class_name", "?"), cfg_file)
+        try:
+            config = config or fam.config_from_diffusers(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
+        source = TensorSource(path)
+        rename = lambda k, t: [(k, t)]  # noqa: E731
+    else:
+        source = TensorSource(path)
+        fam = next((f for f in families().values() if f.is_original(source.keys())), None)
+        if fam is None:
+            raise CheckpointError(f"{path}: not a recognised original checkpoint "
+                                  f"(first keys: {sorted(source.keys())[:5]})")
+        config = config or fam.infer_original_config(source)
+        rename = fam.rename_original
+    params = fill_params(source, fam.abstract_params(config), fam.stacks(config), rename,
+                         dtype=None if dtype is None else jnp.dtype(dtype),
+                         progress=_progress(f"reading {path.name}", len(source.keys())))
+    return config, params
+
+
+def load_transformer(path, mesh=None, dtype=None, config=None):
+    """(config, params) from any supported checkpoint form.
+
+    mesh: restore/put every parameter sharded on this mesh (jaxdit.sharding rules).
+    dtype: cast floating parameters (e.g. "bfloat16"); default keeps the checkpoint dtype.
+    """
+    from jaxdit import sharding
+
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    if ckpt.is_checkpoint(path):
+        return ckpt.restore_checkpoint(path, mesh, dtype, sharding.param_shardings)
+    config, params = read_torch_checkpoint(path, dtype, config)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    else:
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+    return config, params
+
+
+def convert(src, out, dtype=None, overwrite: bool = False, config=None) -> Path:
+    """Convert a PyTorch checkpoint (any accepted form) into a jaxdit checkpoint directory at `out`."""
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    config, params = read_torch_checkpoint(src, dtype, config)
+    return ckpt.save_checkpoint(out, config, params, overwrite=overwrite)
+
+
+def as_numpy(params):
+    return jax.tree_util.tree_map(np.asarray, params)

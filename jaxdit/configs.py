@@ -1,0 +1,153 @@
+"""Model configurations: frozen dataclasses and the named presets.
+
+A config holds architecture constants only; the compute dtype and attention backend are fields too so a
+config fully determines the compiled program. Presets equal the official checkpoints' `config.json`
+(diffusers layout), and `tiny-*` presets are small random-weight models for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """FLUX.1 transformer (diffusers `FluxTransformer2DModel` fields, same names and meaning)."""
+
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    patch_size: int = 1
+    # Not architecture: how the program runs.
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    attention_backend: str = "auto"  # see jaxdit.attention.BACKENDS
+    rope_theta: int = 10000
+
+    family = "flux"
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"FluxConfig.dtype={self.dtype!r}: expected one of {_DTYPES}")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"FluxConfig.axes_dims_rope={self.axes_dims_rope} sums to {sum(self.axes_dims_rope)}, "
+                f"but attention_head_dim={self.attention_head_dim}"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"FluxConfig.axes_dims_rope={self.axes_dims_rope}: every axis must be even")
+        if self.patch_size != 1:
+            raise ValueError("FluxConfig.patch_size: FLUX.1 packs 2x2 patches outside the model; only 1 is valid")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    def replace(self, **changes) -> "FluxConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The `config.json` fields diffusers' `FluxTransformer2DModel` takes."""
+        return {
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_layers,
+            "num_single_layers": self.num_single_layers,
+            "attention_head_dim": self.attention_head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "joint_attention_dim": self.joint_attention_dim,
+            "pooled_projection_dim": self.pooled_projection_dim,
+            "guidance_embeds": self.guidance_embeds,
+            "axes_dims_rope": list(self.axes_dims_rope),
+        }
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], **overrides) -> "FluxConfig":
+        """Build from a diffusers `transformer/config.json` dict (unknown `_*` metadata keys ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in cfg.items() if k in known}
+        unknown = sorted(k for k in cfg if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"FLUX config has fields this version does not know: {unknown}")
+        if "axes_dims_rope" in fields:
+            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return {"family": self.family, **d}
+
+
+_FLUX_DEV = FluxConfig(guidance_embeds=True)
+
+PRESETS: dict[str, Any] = {
+    "flux-dev": _FLUX_DEV,
+    "flux-schnell": FluxConfig(guidance_embeds=False),
+    # Kontext is the dev transformer unchanged; only token layout and ids differ.
+    "flux-kontext-dev": _FLUX_DEV,
+    "tiny-flux": FluxConfig(
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "tiny-flux-schnell": FluxConfig(
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    ),
+}
+
+
+def get_config(name: str, **overrides):
+    """A named preset, optionally with fields replaced (e.g. `dtype="bfloat16"`)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def config_from_json(d: dict[str, Any]):
+    """Inverse of `Config.to_json`."""
+    d = dict(d)
+    family = d.pop("family", None)
+    classes = {"flux": FluxConfig}
+    if family not in classes:
+        raise ValueError(f"config family {family!r} unknown; expected one of {sorted(classes)}")
+    cls = classes[family]
+    for k, v in d.items():
+        if isinstance(v, list):
+            d[k] = tuple(v)
+    return cls(**d)
+
+
+def dump_config(config, path) -> None:
+    with open(path, "w") as f:
+        json.dump(config.to_json(), f, indent=2, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Safety methods (UVR, SafeDIG) as pure transformations plugged into models through `jaxdit.hooks`."""

@@ -1,0 +1,63 @@
+"""PyTorch twins: diffusers models with small random configs, saved the way real checkpoints are."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Replace every parameter with seeded noise, so no zero-initialised layer hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1] if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) * (std if p.ndim == 1 else fan_in ** -0.5))
+    return model
+
+
+def flux_twin(config, seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(**config.to_diffusers())
+    return randomize_(model.eval(), seed)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def flux_inputs(config, batch: int, grid_h: int, grid_w: int, n_txt: int, seed: int = 0, n_ctx_grid=None):
+    """Random inputs shared by both frameworks (numpy float32)."""
+    from jaxdit import flux
+
+    rng = np.random.default_rng(seed)
+    n_img = grid_h * grid_w
+    img_ids = flux.image_ids(grid_h, grid_w)
+    hidden = rng.standard_normal((batch, n_img, config.in_channels), np.float32)
+    n_ctx = 0
+    if n_ctx_grid is not None:
+        ctx = rng.standard_normal((batch, n_ctx_grid[0] * n_ctx_grid[1], config.in_channels), np.float32)
+        hidden = np.concatenate([hidden, ctx], 1)
+        img_ids = np.concatenate([img_ids, flux.image_ids(*n_ctx_grid, index=1)], 0)
+        n_ctx = ctx.shape[1]
+    return dict(
+        hidden_states=hidden,
+        encoder_hidden_states=rng.standard_normal((batch, n_txt, config.joint_attention_dim), np.float32),
+        pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim), np.float32),
+        timestep=rng.uniform(0.05, 1.0, (batch,)).astype(np.float32),
+        img_ids=img_ids,
+        txt_ids=flux.text_ids(n_txt),
+        guidance=np.full((batch,), 3.5, np.float32) if config.guidance_embeds else None,
+    ), n_ctx
+
+
+def torch_forward(model, inputs, dtype=torch.float32):
+    t = {k: (None if v is None else torch.from_numpy(np.asarray(v))) for k, v in inputs.items()}
+    with torch.no_grad():
+        args = {k: (v.to(dtype) if v is not None and k not in ("img_ids", "txt_ids") else v) for k, v in t.items()}
+        return model.to(dtype)(**args, return_dict=False)[0].float().numpy()

@@ -1,0 +1,1 @@
+"""Activation harvesting, activation stores and sparse-autoencoder training."""
