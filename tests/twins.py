@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -57,7 +59,10 @@ def flux_inputs(config, batch: int, grid_h: int, grid_w: int, n_txt: int, seed: 
 
 
 def torch_forward(model, inputs, dtype=torch.float32):
+    """Run a diffusers twin on numpy inputs; another dtype runs on a copy, leaving `model` as it was."""
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
     t = {k: (None if v is None else torch.from_numpy(np.asarray(v))) for k, v in inputs.items()}
     with torch.no_grad():
         args = {k: (v.to(dtype) if v is not None and k not in ("img_ids", "txt_ids") else v) for k, v in t.items()}
-        return model.to(dtype)(**args, return_dict=False)[0].float().numpy()
+        return model(**args, return_dict=False)[0].float().numpy()

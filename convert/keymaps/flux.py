@@ -45,7 +45,7 @@ _RENAMES = [
     (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.proj_out"),
     (r"final_layer\.linear", "proj_out"),
 ]
-_RENAMES = [(re.compile(rf"^{a}(\.weight|\.bias|)$"), b) for a, b in _RENAMES]
+_RENAMES = [(re.compile(rf"^{a}(?P<leaf>\.weight|\.bias|)$"), b) for a, b in _RENAMES]
 _QKV = re.compile(r"^double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.(weight|bias)$")
 _LINEAR1 = re.compile(r"^single_blocks\.(\d+)\.linear1\.(weight|bias)$")
 _FINAL_MOD = re.compile(r"^final_layer\.adaLN_modulation\.1\.(weight|bias)$")
@@ -81,7 +81,7 @@ def rename_original(key: str, tensor: np.ndarray) -> list[tuple[str, np.ndarray]
         return [(f"norm_out.linear.{m.group(1)}", np.concatenate([scale, shift]))]
     for pattern, repl in _RENAMES:
         if pattern.match(key):
-            return [(pattern.sub(repl + r"\1", key), tensor)]
+            return [(pattern.sub(repl + r"\g<leaf>", key), tensor)]
     raise CheckpointError(f"tensor {key!r} is not part of an original FLUX checkpoint")
 
 
