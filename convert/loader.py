@@ -60,7 +60,8 @@ def _family_for_class(cls_name: str, where) -> Family:
 def _progress(desc: str, total: int):
     from tqdm.auto import tqdm
 
-    return lambda it: tqdm(it, desc=desc, total=total, unit="tensor", leave=False, disable=total < 64)
+    # disable=None: a bar on a terminal, silent in logs and CI.
+    return lambda it: tqdm(it, desc=desc, total=total, unit="tensor", leave=False, disable=None)
 
 
 def read_torch_checkpoint(path, dtype=None, config=None):

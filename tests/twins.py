@@ -7,25 +7,14 @@ import copy
 import numpy as np
 import torch
 
-
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Replace every parameter with seeded noise, so no zero-initialised layer hides a bug."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p.shape[-1] if p.ndim > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=g) * (std if p.ndim == 1 else fan_in ** -0.5))
-    return model
+from jaxdit.parity import randomize_weights
 
 
 def flux_twin(config, seed: int = 0):
     from diffusers import FluxTransformer2DModel
 
     model = FluxTransformer2DModel(**config.to_diffusers())
-    return randomize_(model.eval(), seed)
+    return randomize_weights(model.eval(), seed)
 
 
 def rel_err(ours, ref) -> float:

@@ -1,0 +1,90 @@
+"""The `jaxdit` command line.
+
+    jaxdit convert SRC OUT [--dtype bfloat16] [--overwrite]
+    jaxdit parity (--preset NAME | --model DIR) [--dtype float32|bfloat16] [--json]
+
+Errors in the input (a missing file, a bad checkpoint, a wrong flag value) print one line naming what is
+wrong and exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _convert(args) -> int:
+    from jaxdit.convert import convert
+
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _parity(args) -> int:
+    from jaxdit.parity import run_parity, write_json
+
+    report = run_parity(preset=args.preset, model_dir=args.model, dtype=args.dtype, batch=args.batch,
+                        height=args.height, width=args.width, text_tokens=args.text_tokens, kontext=args.kontext,
+                        seed=args.seed)
+    if args.json == "-":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.table())
+        print(f"timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items()))
+        if args.json:
+            write_json(report, args.json)
+    if args.max_rel is not None and report.output.rel > args.max_rel:
+        print(f"FAIL: output relative error {report.output.rel:.3e} > --max-rel {args.max_rel:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxdit.configs import PRESETS
+
+    p = argparse.ArgumentParser(prog="jaxdit", description="FLUX.1 / SD3.x diffusion transformers in JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a PyTorch checkpoint (safetensors) to a jaxdit orbax checkpoint",
+                       description="SRC: a diffusers model or pipeline folder, or an original single-file "
+                                   ".safetensors checkpoint. OUT: the checkpoint directory to create.")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast floating parameters (default: keep the checkpoint's dtype)")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.set_defaults(fn=_convert)
+
+    r = sub.add_parser("parity", help="per-block numerical comparison against the diffusers model")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="random weights from a preset config")
+    src.add_argument("--model", help="a diffusers transformer or pipeline folder (real weights)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--height", type=int, help="image height in pixels (multiple of 16)")
+    r.add_argument("--width", type=int, help="image width in pixels (multiple of 16)")
+    r.add_argument("--text-tokens", type=int, help="text sequence length")
+    r.add_argument("--kontext", action="store_true", help="append Kontext context-image tokens")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the report as JSON to FILE (or stdout when no FILE is given)")
+    r.add_argument("--max-rel", type=float, help="exit 1 if the output relative error exceeds this")
+    r.set_defaults(fn=_parity)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxdit.convert.safetensors_io import CheckpointError
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"jaxdit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Numerical parity of jaxdit models against their PyTorch (diffusers) twins, block by block.
+
+`run_parity` builds the PyTorch model (random weights from a preset, or a real checkpoint folder),
+converts it with jaxdit's own loader, runs both on the same random inputs, and compares every block's
+outputs (captured through jaxdit hooks and torch forward hooks) and the final prediction.
+Needs torch and diffusers (`pip install jaxdit[parity]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    max_abs: float
+    rel: float  # max |jax - torch| / max |torch|
+    torch_rel: float | None = None  # torch at the same dtype vs torch float32 (bf16 runs)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    model: str
+    dtype: str
+    rows: list[Row]
+    seconds: dict[str, float]
+
+    @property
+    def output(self) -> Row:
+        return self.rows[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "dtype": self.dtype, "seconds": self.seconds,
+                "rows": [dataclasses.asdict(r) for r in self.rows], "output_rel": self.output.rel}
+
+    def table(self) -> str:
+        head = f"{'position':<34} {'max abs err':>12} {'rel err':>10}"
+        if any(r.torch_rel is not None for r in self.rows):
+            head += f" {'torch ' + self.dtype + ' rel':>18}"
+        lines = [f"parity of {self.model} at {self.dtype} (rel = max|jax - torch| / max|torch fp32|)", head,
+                 "-" * len(head)]
+        for r in self.rows:
+            line = f"{r.name:<34} {r.max_abs:>12.3e} {r.rel:>10.3e}"
+            if r.torch_rel is not None:
+                line += f" {r.torch_rel:>18.3e}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _compare(name, ours, ref, torch_same_dtype=None) -> Row:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = np.abs(ours - ref)
+    scale = max(np.abs(ref).max(), 1e-30)
+    torch_rel = None
+    if torch_same_dtype is not None:
+        torch_rel = float(np.abs(np.asarray(torch_same_dtype, np.float64) - ref).max() / scale)
+    return Row(name, float(err.max()), float(err.max() / scale), torch_rel)
+
+
+def randomize_weights(model, seed: int = 0):
+    """Seeded random weights for every parameter (no zero-initialised layer can hide a bug)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim == 1 else p.shape[-1] ** -0.5))
+    return model
+
+
+def _flux_case(config, batch, height, width, text_tokens, kontext, seed):
+    from jaxdit import flux
+
+    grid_h, grid_w = height // 16, width // 16
+    rng = np.random.default_rng(seed)
+    ids = flux.image_ids(grid_h, grid_w)
+    n_ctx = 0
+    if kontext:
+        ids = np.concatenate([ids, flux.image_ids(grid_h, grid_w, index=1)])
+        n_ctx = grid_h * grid_w
+    inputs = dict(
+        hidden_states=rng.standard_normal((batch, len(ids), config.in_channels), np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, text_tokens, config.joint_attention_dim), np.float32),
+        pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim), np.float32),
+        timestep=np.linspace(1.0, 0.3, batch).astype(np.float32),
+        img_ids=ids,
+        txt_ids=flux.text_ids(text_tokens),
+        guidance=np.full((batch,), 3.5, np.float32) if config.guidance_embeds else None,
+    )
+    return inputs, n_ctx
+
+
+def _flux_blocks(model):
+    return [(f"double.{i}", b) for i, b in enumerate(model.transformer_blocks)] + \
+           [(f"single.{i}", b) for i, b in enumerate(model.single_transformer_blocks)]
+
+
+def run_parity(preset: str | None = None, model_dir: str | None = None, dtype: str = "float32", batch: int = 1,
+               height: int | None = None, width: int | None = None, text_tokens: int | None = None,
+               kontext: bool = False, seed: int = 0) -> ParityReport:
+    import jax
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+    from jaxdit import flux, hooks as hk, load_transformer
+    from jaxdit.configs import get_config
+
+    if (preset is None) == (model_dir is None):
+        raise ValueError("give exactly one of --preset or --model")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_dir is not None:
+            path = Path(model_dir)
+            if (path / "model_index.json").is_file():
+                path = path / "transformer"
+            torch_model = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32,
+                                                                 use_safetensors=True, local_files_only=True)
+            name = str(model_dir)
+        else:
+            config = get_config(preset)
+            if config.family != "flux":
+                raise ValueError(f"preset {preset!r} is a {config.family} model; parity covers flux presets here")
+            torch_model = randomize_weights(FluxTransformer2DModel(**config.to_diffusers()), seed)
+            path = Path(tmp) / "transformer"
+            torch_model.save_pretrained(path)
+            name = f"{preset} (random weights)"
+        torch_model.eval()
+        t0 = time.perf_counter()
+        config, params = load_transformer(path, dtype=None if dtype == "float32" else dtype)
+        seconds["convert"] = time.perf_counter() - t0
+    config = config.replace(dtype=dtype)
+    tiny = config.inner_dim < 512
+    height = height or (64 if tiny else 1024)
+    width = width or (96 if tiny else 1024)
+    if height % 16 or width % 16:
+        raise ValueError(f"--height/--width must be multiples of 16 (8x VAE, 2x2 packing), got {height}x{width}")
+    text_tokens = text_tokens or (8 if tiny else 512)
+    inputs, n_ctx = _flux_case(config, batch, height, width, text_tokens, kontext, seed)
+
+    # torch: float32 reference (and the same dtype as ours, for comparison) with per-block outputs.
+    def torch_run(dt):
+        seen = {}
+        blocks = _flux_blocks(torch_model)
+        handles = [b.register_forward_hook(
+            lambda m, a, out, n=n: seen.__setitem__(n, (out[1].float().numpy(), out[0].float().numpy())))
+            for n, b in blocks]
+        model = torch_model.to(dt)
+        t = {k: None if v is None else torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        args = {k: v if v is None or k.endswith("_ids") else v.to(dt) for k, v in t.items()}
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model(**args, return_dict=False)[0].float().numpy()
+            seconds[f"torch_{dt}".replace("torch.", "")] = time.perf_counter() - start
+        finally:
+            for h in handles:
+                h.remove()
+        return out, seen
+
+    ref, ref_blocks = torch_run(torch.float32)
+    same = same_blocks = None
+    if dtype != "float32":
+        same, same_blocks = torch_run(tdtype)
+    torch_model.to(torch.float32)
+
+    capture = tuple(f"{s}.*.{stream}.resid_post" for s in ("double", "single") for stream in ("img", "txt"))
+    fn = jax.jit(lambda p, x: flux.forward(p, config, **x, hooks=hk.Hooks(capture=capture),
+                                           num_context_tokens=n_ctx))
+    with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        start = time.perf_counter()
+        out, caps = jax.block_until_ready(fn(params, inputs))
+        seconds["jax_compile_and_run"] = time.perf_counter() - start
+
+    rows = []
+    for n, _ in _flux_blocks(torch_model):
+        for i, stream in enumerate(("img", "txt")):
+            rows.append(_compare(f"{n}.{stream}.resid_post", np.asarray(caps[f"{n}.{stream}.resid_post"], np.float32),
+                                 ref_blocks[n][i], None if same_blocks is None else same_blocks[n][i]))
+    rows.append(_compare("output", np.asarray(out, np.float32), ref, same))
+    return ParityReport(name, dtype, rows, seconds)
+
+
+def write_json(report: ParityReport, path) -> None:
+    Path(path).write_text(json.dumps(report.to_json(), indent=2))

@@ -1,0 +1,29 @@
+"""`jaxdit parity`: the README's main command, on tiny presets."""
+
+import json
+
+from jaxdit.cli import main
+
+
+def test_parity_table_float32(capsys):
+    assert main(["parity", "--preset", "tiny-flux", "--max-rel", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "double.0.img.resid_post" in out and "single.2.txt.resid_post" in out and "output" in out
+
+
+def test_parity_json_bfloat16_kontext(capsys, tmp_path):
+    path = tmp_path / "parity.json"
+    assert main(["parity", "--preset", "tiny-flux-schnell", "--dtype", "bfloat16", "--kontext", "--batch", "2",
+                 "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["dtype"] == "bfloat16"
+    out_row = report["rows"][-1]
+    assert out_row["name"] == "output" and 0 < out_row["rel"] < 0.1 and out_row["torch_rel"] > 0
+    capsys.readouterr()
+    assert main(["parity", "--preset", "tiny-flux", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_rel"] <= 1e-5
+
+
+def test_parity_rejects_bad_sizes(capsys):
+    assert main(["parity", "--preset", "tiny-flux", "--height", "50"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
