@@ -79,7 +79,7 @@ def randomize_weights(model, seed: int = 0):
     return model
 
 
-def _flux_case(config, batch, height, width, text_tokens, kontext, seed):
+def flux_inputs(config, batch, height, width, text_tokens, kontext, seed):
     from jaxdit import flux
 
     grid_h, grid_w = height // 16, width // 16
@@ -152,7 +152,7 @@ def run_parity(preset: str | None = None, model_dir: str | None = None, dtype: s
     if height % 16 or width % 16:
         raise ValueError(f"--height/--width must be multiples of 16 (8x VAE, 2x2 packing), got {height}x{width}")
     text_tokens = text_tokens or (8 if tiny else 512)
-    inputs, n_ctx = _flux_case(config, batch, height, width, text_tokens, kontext, seed)
+    inputs, n_ctx = flux_inputs(config, batch, height, width, text_tokens, kontext, seed)
 
     # torch: float32 reference (and the same dtype as ours, for comparison) with per-block outputs.
     def torch_run(dt):

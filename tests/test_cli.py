@@ -27,3 +27,15 @@ def test_parity_json_bfloat16_kontext(capsys, tmp_path):
 def test_parity_rejects_bad_sizes(capsys):
     assert main(["parity", "--preset", "tiny-flux", "--height", "50"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_parity_on_a_checkpoint_folder(tmp_path, capsys):
+    """`--model DIR` with a pipeline-layout folder (model_index.json + transformer/)."""
+    from jaxdit.configs import get_config
+    from twins import flux_twin
+
+    flux_twin(get_config("tiny-flux-schnell"), seed=4).save_pretrained(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert main(["parity", "--model", str(tmp_path), "--height", "32", "--width", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["output_rel"] <= 1e-5 and len(report["rows"]) == 2 * (2 + 3) + 1
