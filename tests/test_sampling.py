@@ -1,0 +1,88 @@
+"""Flow-matching schedules against diffusers' scheduler, and the compiled Euler loop against its step()."""
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from jaxdit import sampling
+
+OFFICIAL = {
+    # scheduler/scheduler_config.json of the official checkpoints
+    "flux-dev": {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+                 "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000,
+                 "shift": 3.0, "use_dynamic_shifting": True},
+    "flux-schnell": {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+                     "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+                     "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False},
+    "sd3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+}
+
+
+def _diffusers(cfg):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if k != "_class_name"})
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "flux-schnell"])
+@pytest.mark.parametrize("size,steps", [(256, 4), (512, 28), (1024, 28), (768, 50), (1024, 1)])
+def test_flux_schedules_equal_diffusers(name, size, steps):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = OFFICIAL[name]
+    seq = (size // 16) ** 2
+    ref = _diffusers(cfg)
+    mu = calculate_shift(seq, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"])
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    sig, ts = sampling.flux_schedule(sampling.SchedulerConfig.from_diffusers(cfg), steps, seq)
+    np.testing.assert_array_equal(sig, ref.sigmas.numpy())
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28, 40])
+@pytest.mark.parametrize("shift", [3.0, 1.0, 2.5])
+def test_sd3_schedules_equal_diffusers(steps, shift):
+    cfg = {**OFFICIAL["sd3"], "shift": shift}
+    ref = _diffusers(cfg)
+    ref.set_timesteps(steps)
+    sig, ts = sampling.flow_match_schedule(sampling.SchedulerConfig.from_diffusers(cfg), steps)
+    np.testing.assert_array_equal(sig, ref.sigmas.numpy())
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+
+
+def test_mu_values_and_config_errors():
+    cfg = sampling.SchedulerConfig.from_diffusers(OFFICIAL["flux-dev"])
+    assert cfg == sampling.FLUX_DEV_SCHEDULER
+    assert sampling.flux_mu(4096, cfg) == pytest.approx(1.15) and sampling.flux_mu(1024, cfg) == pytest.approx(0.63)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        sampling.SchedulerConfig.from_diffusers({**OFFICIAL["sd3"], "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="not supported"):
+        sampling.SchedulerConfig.from_diffusers({"_class_name": "DDIMScheduler"})
+    with pytest.raises(ValueError, match="mu"):
+        sampling.flow_match_schedule(cfg, 4, sigmas=np.linspace(1, 0.25, 4))
+
+
+def test_euler_loop_equals_diffusers_step():
+    """A fixed nonlinear 'model' integrated by our scan and by diffusers' step(), same schedule."""
+    cfg = OFFICIAL["flux-dev"]
+    steps, seq = 7, 64
+    sig, ts = sampling.flux_schedule(sampling.SchedulerConfig.from_diffusers(cfg), steps, seq)
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32) / 4
+    x0 = np.random.default_rng(1).standard_normal((2, seq, 8)).astype(np.float32)
+
+    ref = _diffusers(cfg)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=sampling.flux_mu(seq, sampling.FLUX_DEV_SCHEDULER))
+    x = torch.from_numpy(x0)
+    for t in ref.timesteps:
+        v = torch.tanh(x @ torch.from_numpy(w)) * (t / 1000)
+        x = ref.step(v, t, x, return_dict=False)[0]
+
+    seen = []
+    out = jax.jit(lambda x: sampling.euler_sample(
+        lambda x, t, i: jnp.tanh(x @ w) * (t / 1000), x, sig, ts, on_step=lambda i: seen.append(int(i))))(x0)
+    np.testing.assert_allclose(np.asarray(out), x.numpy(), rtol=0, atol=1e-6)
+    jax.effects_barrier()
+    assert seen == list(range(steps))
