@@ -115,7 +115,7 @@ def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, backend
 # --- the attention module shared by FLUX and SD3 ------------------------------------------------
 
 
-class _OutProjection(nn.Module):
+class OutProjection(nn.Module):
     """diffusers' `to_out` ModuleList: index 0 is the Linear (index 1 is dropout)."""
 
     features: int
@@ -185,8 +185,8 @@ class Attention(nn.Module):
         if not two_stream:
             joined = (out_txt, out_img) if layout.text_first else (out_img, out_txt)
             out = flat(jnp.concatenate(joined, 1)) if hooks is not None and hooks.active else flat(out)
-            return (_OutProjection(img.shape[-1], self.dtype, name="to_out")(out) if self.out else out), None
-        img_o = _OutProjection(img.shape[-1], self.dtype, name="to_out")(flat(out_img))
+            return (OutProjection(img.shape[-1], self.dtype, name="to_out")(out) if self.out else out), None
+        img_o = OutProjection(img.shape[-1], self.dtype, name="to_out")(flat(out_img))
         txt_o = dense(txt.shape[-1], "to_add_out", self.dtype)(flat(out_txt)) if self.context_out else None
         return img_o, txt_o
 
