@@ -67,7 +67,8 @@ def logical_axes(path: tuple[str, ...], ndim: int, stacked: bool) -> tuple[str |
     return lead + (None,) * rank
 
 
-def _mesh_spec(axes, shape, mesh: Mesh) -> P:
+def mesh_spec(axes, shape, mesh: Mesh) -> P:
+    """PartitionSpec for logical `axes` of an array of `shape` (non-dividing mesh axes dropped)."""
     spec, used = [], set()
     for name, dim in zip(axes, shape):
         mesh_axes = RULES.get(name) if name else None
@@ -84,11 +85,17 @@ def _mesh_spec(axes, shape, mesh: Mesh) -> P:
     return P(*spec)
 
 
+def _is_stacked(name: str, stacks: Sequence[str]) -> bool:
+    """A stack, or a segment of one stored as `<stack>_<first layer>` (SD3's blocks of mixed structure)."""
+    base, _, first = name.rpartition("_")
+    return name in stacks or (first.isdigit() and base in stacks)
+
+
 def param_specs(params, mesh: Mesh, stacks: Sequence[str] = ("transformer_blocks", "single_transformer_blocks")):
     """PartitionSpec tree for a parameter (or ShapeDtypeStruct) tree."""
     def spec(path, leaf):
         names = tuple(str(getattr(k, "key", k)) for k in path)
-        return _mesh_spec(logical_axes(names, len(leaf.shape), names[0] in stacks), leaf.shape, mesh)
+        return mesh_spec(logical_axes(names, len(leaf.shape), _is_stacked(names[0], stacks)), leaf.shape, mesh)
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
@@ -99,7 +106,7 @@ def param_shardings(params, mesh: Mesh, stacks: Sequence[str] = ("transformer_bl
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Shard the leading (batch) axis over ("data", "fsdp") where it divides; replicate the rest."""
-    return NamedSharding(mesh, _mesh_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+    return NamedSharding(mesh, mesh_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

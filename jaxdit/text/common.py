@@ -1,0 +1,97 @@
+"""Pieces shared by the text encoders: activations by their transformers names, LayerNorm with affine
+parameters, and a self-attention core with an additive bias and a boolean key mask.
+
+The encoders run once per prompt on at most a few hundred tokens, so attention is the explicit
+logits -> float32 softmax -> weights @ values path (T5 needs a dense [heads, tokens, tokens] position
+bias and no 1/sqrt(d) scale, which the fused kernels do not take in that form).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdit.layers import gelu_tanh, layer_norm
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's x * sigmoid(1.702 x) (transformers `quick_gelu`)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# transformers ACT2FN names -> functions. Explicit `approximate` everywhere: flax's gelu defaults to tanh.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str, where: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class LayerNorm(nn.Module):
+    """torch `nn.LayerNorm` with weight (`scale`) and bias; statistics and affine in float32."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)
+        y = layer_norm(x.astype(jnp.float32), self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def self_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, T, H, D]
+    v: jax.Array,  # [B, T, H, D]
+    scale: float,
+    bias: jax.Array | None = None,  # additive logits bias broadcastable to [B, H, T, T]
+    mask: jax.Array | None = None,  # bool, True = attend, broadcastable to [B, H, T, T]
+) -> jax.Array:
+    """Softmax attention with float32 logits and softmax; returns [B, T, H, D] in v's dtype.
+
+    Masked logits are *replaced* by the float32 minimum (not added to it, which overflows to -inf):
+    the weights of masked keys are exactly zero, as with transformers' additive `finfo.min` mask.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
+
+
+def key_mask(attention_mask: jax.Array | None) -> jax.Array | None:
+    """Tokenizer attention mask [B, T] (1 = token, 0 = padding) -> bool key mask [B, 1, 1, T]."""
+    if attention_mask is None:
+        return None
+    return jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+
+
+def check_input_ids(input_ids, attention_mask, max_len: int | None, where: str) -> None:
+    if input_ids.ndim != 2:
+        raise ValueError(f"{where}: input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"{where}: input_ids must be integers, got {input_ids.dtype}")
+    if max_len is not None and input_ids.shape[1] > max_len:
+        raise ValueError(f"{where}: {input_ids.shape[1]} tokens but the model has {max_len} positions")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"{where}: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
