@@ -2,6 +2,8 @@
 
     jaxdit convert SRC OUT [--dtype bfloat16] [--overwrite]
     jaxdit parity (--preset NAME | --model DIR) [--dtype float32|bfloat16] [--json]
+    jaxdit generate --model DIR --prompt TEXT --out PNG [--seed --steps --size --guidance --dtype]
+    jaxdit edit --model DIR --image IN --prompt TEXT --out PNG [...]
 
 Errors in the input (a missing file, a bad checkpoint, a wrong flag value) print one line naming what is
 wrong and exit with status 2; nothing half-written is left behind.
@@ -41,6 +43,56 @@ def _parity(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """'1024' or 'WIDTHxHEIGHT' -> (height, width)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or WIDTHxHEIGHT") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[1], parts[0]
+    raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or WIDTHxHEIGHT")
+
+
+def _outputs(out: str, n: int) -> list[str]:
+    if n == 1:
+        return [out]
+    stem, dot, ext = out.rpartition(".")
+    return [f"{stem}_{i}.{ext}" for i in range(n)]
+
+
+def _generate(args, editing: bool = False) -> int:
+    from jaxdit.pipeline import load_pipeline, save_png
+
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out {args.out}: must name a .png file")
+    pipe = load_pipeline(args.model, dtype=args.dtype, editing=editing)
+    kw = dict(num_inference_steps=args.steps, seed=args.seed, num_images_per_prompt=args.num_images)
+    if args.guidance is not None:
+        kw["guidance_scale"] = args.guidance
+    if args.max_sequence_length is not None:
+        kw["max_sequence_length"] = args.max_sequence_length
+    if args.size is not None:
+        kw["height"], kw["width"] = args.size
+    if editing:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"--image {args.image}: cannot read an image ({e})") from None
+        if args.size is not None:
+            kw["max_area"] = kw["height"] * kw["width"]
+        images = pipe(image, args.prompt, auto_resize=not args.no_auto_resize, **kw)
+    else:
+        images = pipe(args.prompt, **kw)
+    for image, path in zip(images, _outputs(args.out, len(images))):
+        print(f"wrote {save_png(image, path)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxdit.configs import PRESETS
 
@@ -72,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report as JSON to FILE (or stdout when no FILE is given)")
     r.add_argument("--max-rel", type=float, help="exit 1 if the output relative error exceeds this")
     r.set_defaults(fn=_parity)
+
+    for name, editing in (("generate", False), ("edit", True)):
+        g = sub.add_parser(name, help="edit an image with FLUX.1 Kontext" if editing else "text-to-image",
+                           description="MODEL is a local diffusers pipeline folder (model_index.json); its "
+                                       "transformer/ may be a jaxdit checkpoint written by `jaxdit convert`.")
+        g.add_argument("--model", required=True)
+        if editing:
+            g.add_argument("--image", required=True, help="input image (PNG, JPEG, ...)")
+            g.add_argument("--no-auto-resize", action="store_true",
+                           help="keep the input size instead of Kontext's preferred resolutions")
+        g.add_argument("--prompt", required=True)
+        g.add_argument("--out", required=True, help="output .png (with --num-images N: OUT_i.png)")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--steps", type=int, default=28)
+        g.add_argument("--size", type=_size, help="N or WIDTHxHEIGHT in pixels (default: the model's)")
+        g.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+        g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+        g.add_argument("--num-images", type=int, default=1)
+        g.add_argument("--max-sequence-length", type=int)
+        g.set_defaults(fn=lambda a, e=editing: _generate(a, e))
     return p
 
 

@@ -1,0 +1,334 @@
+"""Text-to-image and editing pipelines over the JAX parts: FLUX.1, FLUX.1 Kontext, SD3 / SD3.5.
+
+    pipe = FluxPipeline.from_pretrained("FLUX.1-dev/")          # diffusers layout (model_index.json)
+    images = pipe("a red star", height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5, seed=0)
+
+Each pipeline mirrors its diffusers counterpart step for step (prompt encoding, latent packing and ids,
+schedule, guidance, decoding), so with the same initial noise the results agree with diffusers. The
+denoising loop is one compiled program (`jaxdit.sampling.euler_sample`); `hooks` (a `jaxdit.hooks.Hooks`,
+or a function step -> Hooks) reach the transformer at every step with `Hooks.step` set to the step index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdit import flux, hooks as hk, sampling, text, vae
+from jaxdit.convert.safetensors_io import CheckpointError
+
+PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height): what Kontext was trained on
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+]
+
+HooksArg = hk.Hooks | Callable[[jax.Array], hk.Hooks] | None
+
+
+def _hooks_at(hooks: HooksArg, step: jax.Array) -> hk.Hooks | None:
+    if hooks is None:
+        return None
+    h = hooks(step) if callable(hooks) else hooks
+    return h.replace(step=step)
+
+
+def _component(root: Path, name: str, required: bool = True) -> Path | None:
+    path = root / name
+    if not path.is_dir():
+        if required:
+            raise CheckpointError(f"{root}: pipeline folder is missing its {name}/ component")
+        return None
+    return path
+
+
+def _read_model_index(root: Path) -> dict:
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such pipeline folder")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{root}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return json.loads(index.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+
+
+def _scheduler(root: Path, default: sampling.SchedulerConfig) -> sampling.SchedulerConfig:
+    f = root / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        return default
+    return sampling.SchedulerConfig.from_diffusers(json.loads(f.read_text()), str(f))
+
+
+def to_pil(images: np.ndarray):
+    """[B, 3, H, W] float in [-1, 1] -> PIL images (diffusers' postprocess: round(x * 255))."""
+    from PIL import Image
+
+    x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in x]
+
+
+def _postprocess(images, output_type: str):
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":  # [B, H, W, 3] in [0, 1], like diffusers' output_type="np"
+        return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    raise ValueError(f"output_type={output_type!r}: expected 'pil', 'np' or 'latent'")
+
+
+def _prompts(prompt: str | Sequence[str], num_images_per_prompt: int) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt: give at least one prompt")
+    return [p for p in prompts for _ in range(num_images_per_prompt)]
+
+
+@dataclasses.dataclass
+class FluxPipeline:
+    """FLUX.1 dev / schnell text-to-image (diffusers `FluxPipeline`)."""
+
+    transformer_config: Any
+    transformer_params: Any
+    clip_config: Any
+    clip_params: Any
+    tokenizer: Any
+    t5_config: Any
+    t5_params: Any
+    tokenizer_2: Any
+    vae_config: Any
+    vae_params: Any
+    scheduler: sampling.SchedulerConfig
+    default_max_sequence_length: int = 512
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: str | None = None, mesh=None, **overrides):
+        """Load every component of a local diffusers FLUX folder (`transformer/` may be a jaxdit checkpoint).
+
+        dtype: compute dtype and parameter dtype of all components ("bfloat16" on accelerators).
+        mesh: shard the transformer and T5 on this mesh.
+        """
+        from jaxdit import load_transformer
+
+        root = Path(path)
+        _read_model_index(root)
+        parts = {n: _component(root, n) for n in ("transformer", "text_encoder", "text_encoder_2", "tokenizer",
+                                                  "tokenizer_2", "vae")}
+        tcfg, tparams = load_transformer(parts["transformer"], mesh=mesh, dtype=dtype)
+        if tcfg.family != "flux":
+            raise CheckpointError(f"{parts['transformer']}: a {tcfg.family} transformer, not FLUX")
+        ccfg, cparams = text.load_text_encoder(parts["text_encoder"], dtype=dtype)
+        t5cfg, t5params = text.load_text_encoder(parts["text_encoder_2"], dtype=dtype, mesh=mesh)
+        vcfg, vparams = vae.load_vae(parts["vae"], dtype=dtype)
+        if dtype is not None:
+            tcfg, ccfg, t5cfg, vcfg = (c.replace(dtype=dtype) for c in (tcfg, ccfg, t5cfg, vcfg))
+        default = sampling.FLUX_DEV_SCHEDULER if tcfg.guidance_embeds else sampling.FLUX_SCHNELL_SCHEDULER
+        return cls(tcfg, tparams, ccfg, cparams, text.load_tokenizer(parts["tokenizer"]), t5cfg, t5params,
+                   text.load_tokenizer(parts["tokenizer_2"]), vcfg, vparams, _scheduler(root, default),
+                   **({} if tcfg.guidance_embeds else {"default_max_sequence_length": 256}), **overrides)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae_config.downsample_factor
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int):
+        """(prompt_embeds [B, L, 4096] from T5, pooled [B, 768] from CLIP), as diffusers encodes them."""
+        if max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length={max_sequence_length}: FLUX supports at most 512")
+        pooled = text.clip_encode(self.clip_params, self.clip_config, self.tokenizer, prompts).pooled
+        embeds = text.t5_encode(self.t5_params, self.t5_config, self.tokenizer_2, prompts,
+                                max_length=max_sequence_length).last_hidden_state
+        return embeds, pooled
+
+    def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        if height % (2 * f) or width % (2 * f):
+            raise ValueError(f"height and width must be multiples of {2 * f} (VAE factor {f} x 2x2 packing), "
+                             f"got {height}x{width}")
+        return height // f, width // f
+
+    def _token_grid(self, height: int, width: int) -> tuple[int, int]:
+        h, w = self._latent_grid(height, width)
+        return h // 2, w // 2
+
+    def _guidance(self, batch: int, scale: float):
+        if not self.transformer_config.guidance_embeds:
+            return None
+        return jnp.full((batch,), scale, jnp.float32)
+
+    def _check_latents(self, latents, batch: int, height: int, width: int, seed: int) -> jax.Array:
+        if latents is None:
+            return self.initial_latents(batch, height, width, seed)
+        gh, gw = self._token_grid(height, width)
+        want = (batch, gh * gw, self.transformer_config.in_channels)
+        if tuple(latents.shape) != want:
+            raise ValueError(f"latents: expected packed shape {want} for {height}x{width}, got {tuple(latents.shape)}")
+        return jnp.asarray(latents)
+
+    def initial_latents(self, batch: int, height: int, width: int, seed: int) -> jax.Array:
+        """Packed noise [B, (h/2)(w/2), 4C] drawn from `seed` (deterministic)."""
+        h, w = self._latent_grid(height, width)
+        channels = self.transformer_config.in_channels // 4
+        noise = jax.random.normal(jax.random.key(seed), (batch, channels, h, w), jnp.float32)
+        return flux.pack_latents(noise)
+
+    def _tick(self, step) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.update(1)
+
+    def _sample(self, latents, grid, embeds, pooled, guidance, sigmas, timesteps, context=None, context_ids=None,
+                hooks: HooksArg = None, progress: bool = True):
+        """Run the compiled denoising loop; context tokens (Kontext) ride after the noise tokens."""
+        ids = flux.image_ids(*grid)
+        if context is not None:
+            ids = np.concatenate([ids, context_ids])
+        dt = jnp.dtype(self.transformer_config.dtype)
+        cast = lambda x: None if x is None else jnp.asarray(x).astype(dt)  # noqa: E731
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(timesteps), desc="denoising", unit="step", leave=False)
+        try:
+            out = _flux_sample(
+                self.transformer_params, cast(latents), cast(embeds), cast(pooled), guidance, sigmas, timesteps, ids,
+                flux.text_ids(embeds.shape[1]), cast(context), None if callable(hooks) else hooks,
+                config=self.transformer_config, hooks_fn=hooks if callable(hooks) else None,
+                on_step=self._tick if progress else None)
+            out = jax.block_until_ready(out)
+            jax.effects_barrier()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+        return out
+
+    def decode(self, packed: jax.Array, height: int, width: int) -> jax.Array:
+        h, w = self._latent_grid(height, width)
+        z = vae.denormalize_latents(flux.unpack_latents(packed.astype(jnp.float32), h, w), self.vae_config)
+        return vae.decode(self.vae_params, self.vae_config, z.astype(jnp.dtype(self.vae_config.dtype)))
+
+    def __call__(self, prompt: str | Sequence[str], height: int = 1024, width: int = 1024,
+                 num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0,
+                 latents: jax.Array | None = None, max_sequence_length: int | None = None,
+                 num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
+                 progress: bool = True):
+        prompts = _prompts(prompt, num_images_per_prompt)
+        grid = self._token_grid(height, width)
+        embeds, pooled = self.encode_prompt(prompts, max_sequence_length or self.default_max_sequence_length)
+        latents = self._check_latents(latents, len(prompts), height, width, seed)
+        sigmas, timesteps = sampling.flux_schedule(self.scheduler, num_inference_steps, latents.shape[1])
+        out = self._sample(latents, grid, embeds, pooled, self._guidance(len(prompts), guidance_scale), sigmas,
+                           timesteps, hooks=hooks, progress=progress)
+        if output_type == "latent":
+            return out
+        return _postprocess(self.decode(out, height, width), output_type)
+
+
+@dataclasses.dataclass
+class FluxKontextPipeline(FluxPipeline):
+    """FLUX.1 Kontext editing (diffusers `FluxKontextPipeline`): context-image tokens after the noise."""
+
+    def prepare_image(self, image, auto_resize: bool = True) -> tuple[np.ndarray, int, int]:
+        """PIL image -> ([1, 3, H, W] in [-1, 1], H, W), resized as diffusers' Kontext pipeline does."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image: expected a PIL image, got {type(image).__name__}")
+        multiple = self.vae_scale_factor * 2
+        w, h = image.size
+        if auto_resize:
+            _, w, h = min((abs(w / h - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
+        w, h = w // multiple * multiple, h // multiple * multiple
+        if (w, h) != image.size:
+            image = image.resize((w, h), resample=Image.LANCZOS)
+        x = np.asarray(image.convert("RGB"), np.float32) / 255.0
+        return (x.transpose(2, 0, 1)[None] * 2 - 1).astype(np.float32), h, w
+
+    def __call__(self, image, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0,
+                 latents: jax.Array | None = None, max_sequence_length: int | None = None,
+                 num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
+                 progress: bool = True, max_area: int = 1024 ** 2, auto_resize: bool = True):
+        f2 = self.vae_scale_factor * 2
+        pixels, img_h, img_w = self.prepare_image(image, auto_resize)
+        height = height or img_h
+        width = width or img_w
+        aspect = width / height
+        width = round((max_area * aspect) ** 0.5) // f2 * f2
+        height = round((max_area / aspect) ** 0.5) // f2 * f2
+        prompts = _prompts(prompt, num_images_per_prompt)
+        grid = self._token_grid(height, width)
+        embeds, pooled = self.encode_prompt(prompts, max_sequence_length or self.default_max_sequence_length)
+
+        ctx = vae.encode_mean_normalized(self.vae_params, self.vae_config,
+                                         jnp.asarray(pixels).astype(jnp.dtype(self.vae_config.dtype)))
+        context = jnp.broadcast_to(flux.pack_latents(ctx.astype(jnp.float32)),
+                                   (len(prompts),) + flux.pack_latents(ctx).shape[1:])
+        context_ids = flux.image_ids(ctx.shape[2] // 2, ctx.shape[3] // 2, index=1)
+        latents = self._check_latents(latents, len(prompts), height, width, seed)
+        sigmas, timesteps = sampling.flux_schedule(self.scheduler, num_inference_steps, latents.shape[1])
+        out = self._sample(latents, grid, embeds, pooled, self._guidance(len(prompts), guidance_scale), sigmas,
+                           timesteps, context, context_ids, hooks, progress)
+        if output_type == "latent":
+            return out
+        return _postprocess(self.decode(out, height, width), output_type)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "hooks_fn", "on_step"))
+def _flux_sample(params, latents, embeds, pooled, guidance, sigmas, timesteps, img_ids, txt_ids, context, hooks,
+                 *, config, hooks_fn, on_step):
+    """The FLUX denoising loop as one program: [noise; context] tokens in, noise-token velocity out."""
+    n_noise = latents.shape[1]
+    n_ctx = 0 if context is None else context.shape[1]
+
+    def denoise(x, t, i):
+        tokens = x if context is None else jnp.concatenate([x, context], axis=1)
+        step_hooks = _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)
+        v, _ = flux.forward(params, config, tokens, embeds, pooled, jnp.full((x.shape[0],), t / 1000), img_ids,
+                            txt_ids, guidance, step_hooks, n_ctx)
+        return v[:, :n_noise]
+
+    return sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step)
+
+
+PIPELINES = {"FluxPipeline": FluxPipeline, "FluxKontextPipeline": FluxKontextPipeline}
+
+
+def load_pipeline(path, dtype: str | None = None, mesh=None, editing: bool = False):
+    """The pipeline class named by the folder's model_index.json, loaded. `editing` requires Kontext."""
+    root = Path(path)
+    name = _read_model_index(root).get("_class_name")
+    if name not in PIPELINES:
+        raise CheckpointError(f"{root / 'model_index.json'}: pipeline {name!r} is not supported "
+                              f"(supported: {sorted(PIPELINES)})")
+    cls = PIPELINES[name]
+    if editing and cls is not FluxKontextPipeline:
+        raise ValueError(f"{root}: editing needs a FLUX.1 Kontext pipeline, this folder holds a {name}")
+    return cls.from_pretrained(root, dtype=dtype, mesh=mesh)
+
+
+def save_png(image, path) -> Path:
+    """Write a PIL image as PNG atomically (temporary file, then rename)."""
+    import os
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: output must be a .png file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
