@@ -25,11 +25,17 @@ def _convert(args) -> int:
 
 
 def _parity(args) -> int:
-    from jaxdit.parity import run_parity, write_json
+    from jaxdit.parity import run_component_parity, run_parity, write_json
 
-    report = run_parity(preset=args.preset, model_dir=args.model, dtype=args.dtype, batch=args.batch,
-                        height=args.height, width=args.width, text_tokens=args.text_tokens, kontext=args.kontext,
-                        seed=args.seed)
+    if args.component != "transformer":
+        if args.model is None or args.dtype != "float32":
+            raise ValueError(f"--component {args.component} compares a checkpoint folder (--model) at float32")
+        report = run_component_parity(args.model, args.component, height=args.height, width=args.width,
+                                      text_tokens=args.text_tokens, steps=args.steps, seed=args.seed)
+    else:
+        report = run_parity(preset=args.preset, model_dir=args.model, dtype=args.dtype, batch=args.batch,
+                            height=args.height, width=args.width, text_tokens=args.text_tokens,
+                            kontext=args.kontext, seed=args.seed)
     if args.json == "-":
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -113,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="random weights from a preset config")
     src.add_argument("--model", help="a diffusers transformer or pipeline folder (real weights)")
+    r.add_argument("--component", default="transformer",
+                   choices=["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "pipeline"],
+                   help="which part of a --model pipeline folder to compare (default: the transformer)")
+    r.add_argument("--steps", type=int, default=4, help="denoising steps for --component pipeline")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--height", type=int, help="image height in pixels (multiple of 16)")

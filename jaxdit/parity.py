@@ -199,3 +199,106 @@ def run_parity(preset: str | None = None, model_dir: str | None = None, dtype: s
 
 def write_json(report: ParityReport, path) -> None:
     Path(path).write_text(json.dumps(report.to_json(), indent=2))
+
+
+# --- the other components of a pipeline folder --------------------------------------------------------
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "pipeline")
+
+
+def run_component_parity(model_dir: str, component: str, height: int | None = None, width: int | None = None,
+                         text_tokens: int | None = None, steps: int = 4, seed: int = 0) -> ParityReport:
+    """float32 parity of one component of a diffusers pipeline folder (real or tiny weights).
+
+    text encoders: every hidden state, the pooled/projected output; vae: encode moments and decode;
+    pipeline: final latents and decoded images after `steps` steps from the same initial noise.
+    """
+    import jax
+
+    root = Path(model_dir)
+    if component not in COMPONENTS[1:]:
+        raise ValueError(f"--component {component!r}: expected one of {COMPONENTS}")
+    if component != "pipeline" and not (root / component).is_dir():
+        raise ValueError(f"{root}: no {component}/ folder")
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    with jax.default_matmul_precision("highest"):
+        if component.startswith("text_encoder"):
+            rows = _text_encoder_rows(root / component, rng, text_tokens)
+        elif component == "vae":
+            rows = _vae_rows(root / "vae", rng, height or 64, width or 64)
+        else:
+            rows = _pipeline_rows(root, rng, height, width, steps, seed)
+    return ParityReport(f"{root} {component}", "float32", rows, {"total": time.perf_counter() - start})
+
+
+def _text_encoder_rows(folder: Path, rng, text_tokens):
+    import torch
+    import transformers
+
+    from jaxdit import text
+
+    config, params = text.load_text_encoder(folder)
+    arch = json.loads((folder / "config.json").read_text()).get("architectures", ["?"])[0]
+    model = getattr(transformers, arch).from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    if isinstance(config, text.ClipTextConfig):
+        n = min(text_tokens or config.max_position_embeddings, config.max_position_embeddings)
+        ids = rng.integers(1, config.vocab_size - 1, (2, n))
+        ids[:, n // 2] = config.eos_token_id if config.eos_token_id != 2 else config.vocab_size - 1
+        with torch.no_grad():
+            ref = model(torch.from_numpy(ids), output_hidden_states=True)
+        out = text.clip.forward(params, config, ids)
+        rows = [_compare(f"hidden_states[{i}]", out.hidden_states[i], h.numpy())
+                for i, h in enumerate(ref.hidden_states)]
+        rows.append(_compare("last_hidden_state", out.last_hidden_state, ref.last_hidden_state.numpy()))
+        if out.text_embeds is not None:
+            rows.append(_compare("text_embeds", out.text_embeds, ref.text_embeds.numpy()))
+        else:
+            rows.append(_compare("pooler_output", out.pooler_output, ref.pooler_output.numpy()))
+        return rows
+    ids = rng.integers(0, config.vocab_size, (2, text_tokens or 64))
+    with torch.no_grad():
+        ref = model.encoder(torch.from_numpy(ids)) if hasattr(model, "encoder") else model(torch.from_numpy(ids))
+    return [_compare("last_hidden_state", text.t5.forward(params, config, ids), ref.last_hidden_state.numpy())]
+
+
+def _vae_rows(folder: Path, rng, height: int, width: int):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from jaxdit import vae
+
+    config, params = vae.load_vae(folder)
+    model = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    images = rng.uniform(-1, 1, (1, config.in_channels, height, width)).astype(np.float32)
+    with torch.no_grad():
+        dist = model.encode(torch.from_numpy(images)).latent_dist
+        decoded = model.decode(dist.mean).sample.numpy()
+    mean, logvar = vae.encode(params, config, images)
+    return [_compare("encode.mean", mean, dist.mean.numpy()), _compare("encode.logvar", logvar, dist.logvar.numpy()),
+            _compare("decode", vae.decode(params, config, dist.mean.numpy()), decoded)]
+
+
+def _pipeline_rows(root: Path, rng, height, width, steps: int, seed: int):
+    import diffusers
+    import torch
+
+    from jaxdit import flux
+    from jaxdit.pipeline import load_pipeline
+
+    ours = load_pipeline(root)
+    name = json.loads((root / "model_index.json").read_text())["_class_name"]
+    ref = getattr(diffusers, name).from_pretrained(root, local_files_only=True, use_safetensors=True)
+    f = ours.vae_scale_factor
+    height, width = height or 16 * f, width or 16 * f
+    prompt = "a red star at the top left and a blue ring"
+    channels = ours.transformer_config.in_channels // 4
+    noise = rng.standard_normal((1, channels, height // f, width // f)).astype(np.float32)
+    latents = np.asarray(flux.pack_latents(noise))
+    kw = dict(height=height, width=width, num_inference_steps=steps)
+    with torch.no_grad():
+        ref_latents = ref(prompt=prompt, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
+        ref_images = ref(prompt=prompt, latents=torch.from_numpy(latents), output_type="np", **kw).images
+    got_latents = ours(prompt, latents=latents, output_type="latent", progress=False, **kw)
+    got_images = ours(prompt, latents=latents, output_type="np", progress=False, **kw)
+    return [_compare("final latents", got_latents, ref_latents), _compare("images", got_images, ref_images)]

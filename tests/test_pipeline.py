@@ -131,3 +131,16 @@ def test_cli_edit_with_kontext(tmp_path):
                  "--steps", "2", "--size", "32", "--no-auto-resize", "--max-sequence-length", "8"]) == 0
     with Image.open(out) as im:
         assert im.size == (32, 32)
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2", "vae", "pipeline"])
+def test_parity_cli_covers_every_component(flux_dev, component, capsys):
+    import json
+
+    from jaxdit.cli import main
+
+    path, _ = flux_dev
+    assert main(["parity", "--model", str(path), "--component", component, "--height", "32", "--width", "32",
+                 "--text-tokens", "12", "--steps", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["rows"]) >= 1 and all(r["rel"] <= 1e-4 for r in report["rows"]), report["rows"]
