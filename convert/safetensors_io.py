@@ -41,8 +41,12 @@ def refuse_pickle(path: Path) -> None:
             "code. Convert it to safetensors with the tool that wrote it and pass the .safetensors file.")
     if path.is_file():
         with open(path, "rb") as f:
-            magic = f.read(2)
-        if magic[:1] == b"\x80" or magic == b"PK":  # pickle protocol 2+ / torch zip archive
+            head = f.read(9)
+        # A safetensors file is an 8-byte little-endian header length then a JSON object: "{" at byte 8
+        # (its length may well start with 0x80, so check this before the pickle magics).
+        if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+            return
+        if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04":
             raise UnsafeFormatError(f"{path}: this is a pickle / torch.save archive, not safetensors; refusing to load")
 
 

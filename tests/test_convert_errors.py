@@ -143,3 +143,18 @@ def test_cli_reports_errors_and_converts(tmp_path, state, capsys):
     assert np.asarray(params["proj_out"]["kernel"]).dtype.name == "bfloat16"
     assert main(["convert", str(src), str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_accepted(tmp_path):
+    """The header length is little-endian: a file whose first byte is 0x80 is still safetensors."""
+    from safetensors.numpy import save_file as save_np
+
+    from jaxdit.convert.safetensors_io import SafetensorsFile
+
+    for pad in range(200):
+        f = tmp_path / "t.safetensors"
+        save_np({"x" * (1 + pad): np.zeros(2, np.float32)}, f)
+        if f.read_bytes()[0] == 0x80:
+            break
+    assert f.read_bytes()[0] == 0x80
+    assert SafetensorsFile(f).keys() == ["x" * (1 + pad)]
