@@ -32,20 +32,30 @@ class Family:
     abstract_params: Callable[[Any], Any]
     stacks: Callable[[Any], dict[str, int]]
     is_original: Callable[[list[str]], bool]
-    rename_original: Callable
+    rename_original: Callable | None  # None when `original_renamer` is set
     infer_original_config: Callable
+    # Renames that depend on the architecture (SD3: mixed blocks stored as segments, the last block's
+    # modulation swap in original files): config -> rename, used instead of the identity (diffusers
+    # folders) and `rename_original` (original files).
+    diffusers_renamer: Callable[[Any], Callable] | None = None
+    original_renamer: Callable[[Any], Callable] | None = None
 
 
 def families() -> dict[str, Family]:
-    from jaxdit import flux
-    from jaxdit.configs import FluxConfig
+    from jaxdit import flux, sd3
+    from jaxdit.configs import FluxConfig, SD3Config
     from jaxdit.convert.keymaps import flux as flux_keys
+    from jaxdit.convert.keymaps import sd3 as sd3_keys
 
     return {
         "flux": Family(
             "flux", flux_keys.DIFFUSERS_CLASS, FluxConfig.from_diffusers, flux.abstract_params,
             lambda c: {"transformer_blocks": c.num_layers, "single_transformer_blocks": c.num_single_layers},
             flux_keys.is_original, flux_keys.rename_original, flux_keys.infer_original_config),
+        "sd3": Family(
+            "sd3", sd3_keys.DIFFUSERS_CLASS, SD3Config.from_diffusers, sd3.abstract_params, sd3.stacks,
+            sd3_keys.is_original, None, sd3_keys.infer_original_config,
+            diffusers_renamer=sd3_keys.diffusers_renamer, original_renamer=sd3_keys.original_renamer),
     }
 
 
@@ -88,7 +98,7 @@ def read_torch_checkpoint(path, dtype=None, config=None):
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{cfg_file}: {e}") from None
         source = TensorSource(path)
-        rename = lambda k, t: [(k, t)]  # noqa: E731
+        rename = fam.diffusers_renamer(config) if fam.diffusers_renamer else (lambda k, t: [(k, t)])
     else:
         source = TensorSource(path)
         fam = next((f for f in families().values() if f.is_original(source.keys())), None)
@@ -96,7 +106,7 @@ def read_torch_checkpoint(path, dtype=None, config=None):
             raise CheckpointError(f"{path}: not a recognised original checkpoint "
                                   f"(first keys: {sorted(source.keys())[:5]})")
         config = config or fam.infer_original_config(source)
-        rename = fam.rename_original
+        rename = fam.original_renamer(config) if fam.original_renamer else fam.rename_original
     params = fill_params(source, fam.abstract_params(config), fam.stacks(config), rename,
                          dtype=None if dtype is None else jnp.dtype(dtype),
                          progress=_progress(f"reading {path.name}", len(source.keys())))

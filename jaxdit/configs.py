@@ -95,7 +95,92 @@ class FluxConfig:
         return {"family": self.family, **d}
 
 
+@dataclasses.dataclass(frozen=True)
+class SD3Config:
+    """SD3 / SD3.5 MMDiT (diffusers `SD3Transformer2DModel` fields, same names and meaning).
+
+    `sample_size` only seeds diffusers' position table, which checkpoints carry; it is kept so the
+    config round-trips. `dual_attention_layers` (MMDiT-X) is normalised to a sorted tuple.
+    """
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    out_channels: int | None = 16
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None  # None or "rms_norm"
+    # Not architecture: how the program runs.
+    dtype: str = "float32"
+    attention_backend: str = "auto"
+
+    family = "sd3"
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"SD3Config.{msg}")
+
+        if self.dtype not in _DTYPES:
+            fail(f"dtype={self.dtype!r}: expected one of {_DTYPES}")
+        if self.qk_norm not in (None, "rms_norm"):
+            fail(f"qk_norm={self.qk_norm!r}: SD3.x uses None or 'rms_norm'")
+        # The text stream enters the blocks at the model width (diffusers: added_kv_proj_dim = inner_dim).
+        if self.caption_projection_dim != self.inner_dim:
+            fail(f"caption_projection_dim={self.caption_projection_dim} must equal num_attention_heads * "
+                 f"attention_head_dim = {self.inner_dim}")
+        dual = tuple(sorted({int(i) for i in self.dual_attention_layers}))
+        if any(not 0 <= i < self.num_layers for i in dual):
+            fail(f"dual_attention_layers={self.dual_attention_layers}: layers must lie in [0, {self.num_layers})")
+        object.__setattr__(self, "dual_attention_layers", dual)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    def replace(self, **changes) -> "SD3Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The `config.json` fields diffusers' `SD3Transformer2DModel` takes."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("dtype", "attention_backend")}
+        d["dual_attention_layers"] = list(self.dual_attention_layers)
+        return d
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], **overrides) -> "SD3Config":
+        """Build from a diffusers `transformer/config.json` dict (unknown `_*` metadata keys ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in cfg if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"SD3 config has fields this version does not know: {unknown}")
+        fields = {k: v for k, v in cfg.items() if k in known}
+        fields["dual_attention_layers"] = tuple(fields.get("dual_attention_layers") or ())
+        return cls(**{**fields, **overrides})
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dual_attention_layers"] = list(self.dual_attention_layers)
+        return {"family": self.family, **d}
+
+
 _FLUX_DEV = FluxConfig(guidance_embeds=True)
+_SD3_MEDIUM = SD3Config(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)
+_SD35_LARGE = SD3Config(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+                        qk_norm="rms_norm")
+_TINY_SD3 = SD3Config(sample_size=16, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                      num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
+                      pooled_projection_dim=12, pos_embed_max_size=8)
 
 PRESETS: dict[str, Any] = {
     "flux-dev": _FLUX_DEV,
@@ -124,6 +209,15 @@ PRESETS: dict[str, Any] = {
         guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     ),
+    "sd3-medium": _SD3_MEDIUM,
+    "sd3.5-medium": _SD3_MEDIUM.replace(pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                                        qk_norm="rms_norm"),
+    "sd3.5-large": _SD35_LARGE,
+    # Large-turbo is the timestep-distilled large: the transformer architecture is the same.
+    "sd3.5-large-turbo": _SD35_LARGE,
+    "tiny-sd3": _TINY_SD3,
+    "tiny-sd3.5-large": _TINY_SD3.replace(qk_norm="rms_norm"),
+    "tiny-sd3.5-medium": _TINY_SD3.replace(num_layers=3, dual_attention_layers=(0,), qk_norm="rms_norm"),
 }
 
 
@@ -138,7 +232,7 @@ def config_from_json(d: dict[str, Any]):
     """Inverse of `Config.to_json`."""
     d = dict(d)
     family = d.pop("family", None)
-    classes = {"flux": FluxConfig}
+    classes = {"flux": FluxConfig, "sd3": SD3Config}
     if family not in classes:
         raise ValueError(f"config family {family!r} unknown; expected one of {sorted(classes)}")
     cls = classes[family]
