@@ -292,9 +292,10 @@ def _pipeline_rows(root: Path, rng, height, width, steps: int, seed: int):
     f = ours.vae_scale_factor
     height, width = height or 16 * f, width or 16 * f
     prompt = "a red star at the top left and a blue ring"
-    channels = ours.transformer_config.in_channels // 4
+    packed = ours.transformer_config.family == "flux"  # FLUX packs 2x2 patches outside the model
+    channels = ours.transformer_config.in_channels // (4 if packed else 1)
     noise = rng.standard_normal((1, channels, height // f, width // f)).astype(np.float32)
-    latents = np.asarray(flux.pack_latents(noise))
+    latents = np.asarray(flux.pack_latents(noise)) if packed else noise
     kw = dict(height=height, width=width, num_inference_steps=steps)
     with torch.no_grad():
         ref_latents = ref(prompt=prompt, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()

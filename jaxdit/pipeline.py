@@ -300,7 +300,148 @@ def _flux_sample(params, latents, embeds, pooled, guidance, sigmas, timesteps, i
     return sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step)
 
 
-PIPELINES = {"FluxPipeline": FluxPipeline, "FluxKontextPipeline": FluxKontextPipeline}
+@dataclasses.dataclass
+class SD3Pipeline:
+    """SD3 / SD3.5 text-to-image with true classifier-free guidance (diffusers `StableDiffusion3Pipeline`).
+
+    Conditioning: penultimate hidden states of CLIP-L and CLIP-G concatenated on features, zero-padded
+    to the T5 width and followed by the T5 tokens (77 + 256 = 333 tokens; zeros without T5); pooled =
+    [CLIP-L text_embeds, CLIP-G text_embeds].
+    """
+
+    transformer_config: Any
+    transformer_params: Any
+    clip_l: tuple[Any, Any, Any]  # (config, params, tokenizer)
+    clip_g: tuple[Any, Any, Any]
+    t5: tuple[Any, Any, Any] | None
+    vae_config: Any
+    vae_params: Any
+    scheduler: sampling.SchedulerConfig
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: str | None = None, mesh=None):
+        from jaxdit import load_transformer
+
+        root = Path(path)
+        _read_model_index(root)
+        parts = {n: _component(root, n) for n in ("transformer", "text_encoder", "text_encoder_2", "tokenizer",
+                                                  "tokenizer_2", "vae")}
+        tcfg, tparams = load_transformer(parts["transformer"], mesh=mesh, dtype=dtype)
+        if tcfg.family != "sd3":
+            raise CheckpointError(f"{parts['transformer']}: a {tcfg.family} transformer, not SD3")
+
+        def encoder(folder, tok_folder, on_mesh=False):
+            cfg, params = text.load_text_encoder(folder, dtype=dtype, mesh=mesh if on_mesh else None)
+            return (cfg if dtype is None else cfg.replace(dtype=dtype)), params, text.load_tokenizer(tok_folder)
+
+        t5_folder = _component(root, "text_encoder_3", required=False)
+        t5 = encoder(t5_folder, _component(root, "tokenizer_3"), True) if t5_folder is not None else None
+        vcfg, vparams = vae.load_vae(parts["vae"], dtype=dtype)
+        if dtype is not None:
+            tcfg, vcfg = tcfg.replace(dtype=dtype), vcfg.replace(dtype=dtype)
+        return cls(tcfg, tparams, encoder(parts["text_encoder"], parts["tokenizer"]),
+                   encoder(parts["text_encoder_2"], parts["tokenizer_2"]), t5, vcfg, vparams,
+                   _scheduler(root, sampling.SD3_SCHEDULER))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae_config.downsample_factor
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 256, clip_skip: int | None = None):
+        """(prompt_embeds [B, 77 + L, joint_attention_dim], pooled [B, 2048])."""
+        outs = [text.clip_encode(p, c, tok, prompts, clip_skip=clip_skip) for c, p, tok in (self.clip_l, self.clip_g)]
+        clip_embeds = jnp.concatenate([o.hidden_state for o in outs], axis=-1)
+        pooled = jnp.concatenate([o.pooled for o in outs], axis=-1)
+        width = self.transformer_config.joint_attention_dim
+        if self.t5 is not None:
+            cfg, params, tok = self.t5
+            t5_embeds = text.t5_encode(params, cfg, tok, prompts, max_length=max_sequence_length).last_hidden_state
+        else:
+            t5_embeds = jnp.zeros((len(prompts), max_sequence_length, width), clip_embeds.dtype)
+        clip_embeds = jnp.pad(clip_embeds, ((0, 0), (0, 0), (0, t5_embeds.shape[-1] - clip_embeds.shape[-1])))
+        return jnp.concatenate([clip_embeds, t5_embeds.astype(clip_embeds.dtype)], axis=1), pooled
+
+    def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        m = self.vae_scale_factor * self.transformer_config.patch_size
+        if height % m or width % m:
+            raise ValueError(f"height and width must be multiples of {m} (VAE factor x patch size), "
+                             f"got {height}x{width}")
+        return batch, self.transformer_config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _tick(self, step) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.update(1)
+
+    def __call__(self, prompt: str | Sequence[str], height: int = 1024, width: int = 1024,
+                 num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int = 0,
+                 negative_prompt: str | Sequence[str] | None = None, latents: jax.Array | None = None,
+                 max_sequence_length: int = 256, num_images_per_prompt: int = 1, clip_skip: int | None = None,
+                 hooks: HooksArg = None, output_type: str = "pil", progress: bool = True):
+        prompts = _prompts(prompt, num_images_per_prompt)
+        shape = self._latent_shape(len(prompts), height, width)
+        if latents is None:
+            latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape} for {height}x{width}, got {tuple(latents.shape)}")
+        embeds, pooled = self.encode_prompt(prompts, max_sequence_length, clip_skip)
+        cfg_on = guidance_scale > 1
+        if cfg_on:
+            n_base = len(prompts) // num_images_per_prompt
+            negative = negative_prompt if negative_prompt is not None else ""
+            negative = [negative] * n_base if isinstance(negative, str) else list(negative)
+            if len(negative) != n_base:
+                raise ValueError(f"negative_prompt: {len(negative)} given for {n_base} prompts")
+            negative = _prompts(negative, num_images_per_prompt)
+            neg_embeds, neg_pooled = self.encode_prompt(negative, max_sequence_length, clip_skip)
+            embeds = jnp.concatenate([neg_embeds, embeds])
+            pooled = jnp.concatenate([neg_pooled, pooled])
+        tokens = (shape[2] // self.transformer_config.patch_size) * (shape[3] // self.transformer_config.patch_size)
+        mu = sampling.flux_mu(tokens, self.scheduler) if self.scheduler.use_dynamic_shifting else None
+        sigmas, timesteps = sampling.flow_match_schedule(self.scheduler, num_inference_steps, mu=mu)
+        dt = jnp.dtype(self.transformer_config.dtype)
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=num_inference_steps, desc="denoising", unit="step", leave=False)
+        try:
+            out = _sd3_sample(self.transformer_params, jnp.asarray(latents).astype(dt), embeds.astype(dt),
+                              pooled.astype(dt), jnp.float32(guidance_scale), sigmas, timesteps,
+                              None if callable(hooks) else hooks, config=self.transformer_config, cfg_on=cfg_on,
+                              hooks_fn=hooks if callable(hooks) else None, on_step=self._tick if progress else None)
+            out = jax.block_until_ready(out)
+            jax.effects_barrier()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+        if output_type == "latent":
+            return out
+        z = vae.denormalize_latents(out.astype(jnp.float32), self.vae_config)
+        images = vae.decode(self.vae_params, self.vae_config, z.astype(jnp.dtype(self.vae_config.dtype)))
+        return _postprocess(images, output_type)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cfg_on", "hooks_fn", "on_step"))
+def _sd3_sample(params, latents, embeds, pooled, guidance_scale, sigmas, timesteps, hooks, *, config, cfg_on,
+                hooks_fn, on_step):
+    """The SD3 denoising loop as one program; with CFG the batch is [negative; positive]."""
+    from jaxdit import sd3
+
+    def denoise(x, t, i):
+        x_in = jnp.concatenate([x, x]) if cfg_on else x
+        v, _ = sd3.forward(params, config, x_in, embeds, pooled, jnp.full((x_in.shape[0],), t),
+                           _hooks_at(hooks_fn if hooks_fn is not None else hooks, i))
+        if cfg_on:
+            uncond, cond = jnp.split(v, 2)
+            v = sampling.cfg_combine(uncond, cond, guidance_scale)
+        return v
+
+    return sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step)
+
+
+PIPELINES = {"FluxPipeline": FluxPipeline, "FluxKontextPipeline": FluxKontextPipeline,
+             "StableDiffusion3Pipeline": SD3Pipeline}
 
 
 def load_pipeline(path, dtype: str | None = None, mesh=None, editing: bool = False):

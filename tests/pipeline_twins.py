@@ -66,3 +66,32 @@ def packed_noise(batch: int, channels: int, h: int, w: int, seed: int = 0) -> np
 
     noise = torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, channels, h, w)).astype(np.float32))
     return FluxPipeline._pack_latents(noise, batch, channels, h, w).numpy()
+
+
+def sd3_pipeline_folder(path, seed: int = 0, with_t5: bool = True):
+    """Write a tiny SD3.5-style pipeline (CLIP-L, CLIP-G with projections, optional T5) with diffusers."""
+    import transformers as tf
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tmp = path.parent / f"{path.name}_tokenizers"
+    clip_tok, clip_cfg, t5_tok, t5_cfg = _text_encoders(tmp)
+    clip_tok_2 = train_clip_tokenizer(tmp / "tok_clip_2")
+
+    def clip(hidden, proj, s):
+        cfg = tf.CLIPTextConfig(**{**clip_cfg.to_dict(), "hidden_size": hidden, "projection_dim": proj,
+                                   "hidden_act": "gelu" if hidden > 32 else "quick_gelu"})
+        return randomize_weights(tf.CLIPTextModelWithProjection(cfg).eval(), s)
+
+    t5_cfg = tf.T5Config(**{**t5_cfg.to_dict(), "d_model": 96})
+    cfg = get_config("tiny-sd3.5-large").replace(in_channels=4, out_channels=4, joint_attention_dim=96,
+                                                 pooled_projection_dim=24 + 20, pos_embed_max_size=16)
+    transformer = randomize_weights(SD3Transformer2DModel(**cfg.to_diffusers()).eval(), seed)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer, vae=tiny_vae(4, seed + 1, 0.0609,
+                                                                                                      1.5305),
+        text_encoder=clip(32, 24, seed + 2), tokenizer=clip_tok, text_encoder_2=clip(48, 20, seed + 3),
+        tokenizer_2=clip_tok_2,
+        text_encoder_3=randomize_weights(tf.T5EncoderModel(t5_cfg).eval(), seed + 4) if with_t5 else None,
+        tokenizer_3=t5_tok if with_t5 else None)
+    pipe.save_pretrained(path)
+    return pipe

@@ -6,7 +6,7 @@ import torch
 
 from jaxdit import hooks as hk
 from jaxdit.pipeline import FluxKontextPipeline, FluxPipeline
-from pipeline_twins import flux_pipeline_folder, packed_noise
+from pipeline_twins import flux_pipeline_folder, packed_noise, sd3_pipeline_folder
 from twins import rel_err
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "two dogs playing in the snow"]
@@ -144,3 +144,23 @@ def test_parity_cli_covers_every_component(flux_dev, component, capsys):
                  "--text-tokens", "12", "--steps", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["rows"]) >= 1 and all(r["rel"] <= 1e-4 for r in report["rows"]), report["rows"]
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_sd3_pipeline_matches_diffusers(tmp_path, with_t5):
+    from jaxdit.pipeline import SD3Pipeline
+
+    path = tmp_path / "sd3"
+    ref_pipe = sd3_pipeline_folder(path, seed=2, with_t5=with_t5)
+    height, width = 32, 48  # latent 16x24 (VAE factor 2), patch 2
+    latents = np.random.default_rng(3).standard_normal((2, 4, 16, 24)).astype(np.float32)
+    kw = dict(prompt=PROMPTS, height=height, width=width, num_inference_steps=3, guidance_scale=4.5,
+              max_sequence_length=10)
+    with torch.no_grad():
+        ref = ref_pipe(latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
+        ref_images = ref_pipe(latents=torch.from_numpy(latents), output_type="np", **kw).images
+    pipe = SD3Pipeline.from_pretrained(path)
+    ours = pipe(**kw, latents=latents, output_type="latent", progress=False)
+    assert rel_err(ours, ref) <= 1e-4
+    images = pipe(**kw, latents=latents, output_type="np", progress=False)
+    assert np.abs(images - ref_images).max() <= 1e-4
