@@ -101,24 +101,61 @@ def flux_inputs(config, batch, height, width, text_tokens, kontext, seed):
     return inputs, n_ctx
 
 
-def _flux_blocks(model):
-    return [(f"double.{i}", b) for i, b in enumerate(model.transformer_blocks)] + \
-           [(f"single.{i}", b) for i, b in enumerate(model.single_transformer_blocks)]
+def sd3_inputs(config, batch, height, width, text_tokens, seed):
+    """Random SD3 inputs: latents [B, C, H/8, W/8], sigma * 1000 timesteps as the pipeline passes them."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        hidden_states=rng.standard_normal((batch, config.in_channels, height // 8, width // 8), np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, text_tokens, config.joint_attention_dim), np.float32),
+        pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim), np.float32),
+        timestep=np.linspace(1000.0, 300.0, batch).astype(np.float32),
+    ), 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """What parity needs to know of a model family."""
+
+    torch_class: str  # diffusers class name
+    blocks: Any  # torch model -> [(position prefix, block module)]
+    inputs: Any  # (config, batch, height, width, text_tokens, kontext, seed) -> (inputs, n_ctx)
+    default_text_tokens: int
+    capture: tuple[str, ...]
+    forward: Any  # (params, config, inputs, hooks, n_ctx) -> (out, captures)
+
+
+def _families():
+    from jaxdit import flux, sd3
+
+    return {
+        "flux": _Family(
+            "FluxTransformer2DModel",
+            lambda m: [(f"double.{i}", b) for i, b in enumerate(m.transformer_blocks)]
+            + [(f"single.{i}", b) for i, b in enumerate(m.single_transformer_blocks)],
+            flux_inputs, 512,
+            tuple(f"{s}.*.{st}.resid_post" for s in ("double", "single") for st in ("img", "txt")),
+            lambda p, c, x, h, n: flux.forward(p, c, **x, hooks=h, num_context_tokens=n)),
+        "sd3": _Family(
+            "SD3Transformer2DModel",
+            lambda m: [(f"joint.{i}", b) for i, b in enumerate(m.transformer_blocks)],
+            lambda c, b, h, w, t, kontext, seed: sd3_inputs(c, b, h, w, t, seed), 333,
+            ("joint.*.img.resid_post", "joint.*.txt.resid_post"),
+            lambda p, c, x, h, n: sd3.forward(p, c, **x, hooks=h)),
+    }
 
 
 def run_parity(preset: str | None = None, model_dir: str | None = None, dtype: str = "float32", batch: int = 1,
                height: int | None = None, width: int | None = None, text_tokens: int | None = None,
                kontext: bool = False, seed: int = 0) -> ParityReport:
+    import diffusers
     import jax
     import torch
-    from diffusers import FluxTransformer2DModel
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
-
-    from jaxdit import flux, hooks as hk, load_transformer
+    from jaxdit import hooks as hk, load_transformer
     from jaxdit.configs import get_config
 
+    diffusers_logging.set_verbosity_error()
     if (preset is None) == (model_dir is None):
         raise ValueError("give exactly one of --preset or --model")
     if dtype not in ("float32", "bfloat16"):
@@ -130,40 +167,45 @@ def run_parity(preset: str | None = None, model_dir: str | None = None, dtype: s
             path = Path(model_dir)
             if (path / "model_index.json").is_file():
                 path = path / "transformer"
-            torch_model = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32,
-                                                                 use_safetensors=True, local_files_only=True)
+            t0 = time.perf_counter()
+            config, params = load_transformer(path, dtype=None if dtype == "float32" else dtype)
+            seconds["convert"] = time.perf_counter() - t0
+            fam = _families()[config.family]
+            torch_model = getattr(diffusers, fam.torch_class).from_pretrained(
+                path, torch_dtype=torch.float32, use_safetensors=True, local_files_only=True)
             name = str(model_dir)
         else:
             config = get_config(preset)
-            if config.family != "flux":
-                raise ValueError(f"preset {preset!r} is a {config.family} model; parity covers flux presets here")
-            torch_model = randomize_weights(FluxTransformer2DModel(**config.to_diffusers()), seed)
+            fam = _families()[config.family]
+            torch_model = randomize_weights(getattr(diffusers, fam.torch_class)(**config.to_diffusers()), seed)
             path = Path(tmp) / "transformer"
             torch_model.save_pretrained(path)
             name = f"{preset} (random weights)"
+            t0 = time.perf_counter()
+            config, params = load_transformer(path, dtype=None if dtype == "float32" else dtype)
+            seconds["convert"] = time.perf_counter() - t0
         torch_model.eval()
-        t0 = time.perf_counter()
-        config, params = load_transformer(path, dtype=None if dtype == "float32" else dtype)
-        seconds["convert"] = time.perf_counter() - t0
+    if kontext and config.family != "flux":
+        raise ValueError("--kontext applies to FLUX models only")
     config = config.replace(dtype=dtype)
     tiny = config.inner_dim < 512
     height = height or (64 if tiny else 1024)
     width = width or (96 if tiny else 1024)
     if height % 16 or width % 16:
-        raise ValueError(f"--height/--width must be multiples of 16 (8x VAE, 2x2 packing), got {height}x{width}")
-    text_tokens = text_tokens or (8 if tiny else 512)
-    inputs, n_ctx = flux_inputs(config, batch, height, width, text_tokens, kontext, seed)
+        raise ValueError(f"--height/--width must be multiples of 16 (8x VAE, 2x2 patches), got {height}x{width}")
+    text_tokens = text_tokens or (8 if tiny else fam.default_text_tokens)
+    inputs, n_ctx = fam.inputs(config, batch, height, width, text_tokens, kontext, seed)
+    blocks = fam.blocks(torch_model)
 
-    # torch: float32 reference (and the same dtype as ours, for comparison) with per-block outputs.
+    # torch: float32 reference (and the same dtype as ours, for comparison) with per-block outputs
+    # (diffusers blocks return (encoder_hidden_states, hidden_states); SD3's last block has no text output).
     def torch_run(dt):
         seen = {}
-        blocks = _flux_blocks(torch_model)
-        handles = [b.register_forward_hook(
-            lambda m, a, out, n=n: seen.__setitem__(n, (out[1].float().numpy(), out[0].float().numpy())))
-            for n, b in blocks]
+        handles = [b.register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(
+            n, tuple(None if o is None else o.float().numpy() for o in (out[1], out[0])))) for n, b in blocks]
         model = torch_model.to(dt)
-        t = {k: None if v is None else torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-        args = {k: v if v is None or k.endswith("_ids") else v.to(dt) for k, v in t.items()}
+        args = {k: None if v is None else torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        args = {k: v if v is None or k.endswith("_ids") else v.to(dt) for k, v in args.items()}
         try:
             start = time.perf_counter()
             with torch.no_grad():
@@ -180,17 +222,17 @@ def run_parity(preset: str | None = None, model_dir: str | None = None, dtype: s
         same, same_blocks = torch_run(tdtype)
     torch_model.to(torch.float32)
 
-    capture = tuple(f"{s}.*.{stream}.resid_post" for s in ("double", "single") for stream in ("img", "txt"))
-    fn = jax.jit(lambda p, x: flux.forward(p, config, **x, hooks=hk.Hooks(capture=capture),
-                                           num_context_tokens=n_ctx))
+    fn = jax.jit(lambda p, x: fam.forward(p, config, x, hk.Hooks(capture=fam.capture), n_ctx))
     with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
         start = time.perf_counter()
         out, caps = jax.block_until_ready(fn(params, inputs))
         seconds["jax_compile_and_run"] = time.perf_counter() - start
 
     rows = []
-    for n, _ in _flux_blocks(torch_model):
+    for n, _ in blocks:
         for i, stream in enumerate(("img", "txt")):
+            if ref_blocks[n][i] is None:
+                continue
             rows.append(_compare(f"{n}.{stream}.resid_post", np.asarray(caps[f"{n}.{stream}.resid_post"], np.float32),
                                  ref_blocks[n][i], None if same_blocks is None else same_blocks[n][i]))
     rows.append(_compare("output", np.asarray(out, np.float32), ref, same))

@@ -39,3 +39,12 @@ def test_parity_on_a_checkpoint_folder(tmp_path, capsys):
     assert main(["parity", "--model", str(tmp_path), "--height", "32", "--width", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["output_rel"] <= 1e-5 and len(report["rows"]) == 2 * (2 + 3) + 1
+
+
+def test_parity_covers_sd3_presets(capsys):
+    for preset in ("tiny-sd3", "tiny-sd3.5-large", "tiny-sd3.5-medium"):
+        assert main(["parity", "--preset", preset, "--batch", "2", "--json", "--max-rel", "1e-5"]) == 0, preset
+        report = json.loads(capsys.readouterr().out)
+        assert report["rows"][0]["name"] == "joint.0.img.resid_post" and report["output_rel"] <= 1e-5
+    assert main(["parity", "--preset", "tiny-sd3", "--dtype", "bfloat16"]) == 0
+    assert "torch bfloat16 rel" in capsys.readouterr().out
