@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -14,10 +16,11 @@ def _load(name):
     return mod
 
 
-def test_flux_parity_benchmark_runs_and_agrees(tmp_path):
-    out = tmp_path / "flux.json"
-    assert _load("flux_parity").main(["--preset", "tiny-flux", "--height", "64", "--width", "48",
-                                      "--text-tokens", "6", "--repeats", "1", "--out", str(out)]) == 0
+@pytest.mark.parametrize("preset,batch", [("tiny-flux", 1), ("tiny-sd3.5-medium", 2)])
+def test_transformer_parity_benchmark_runs_and_agrees(tmp_path, preset, batch):
+    out = tmp_path / "bench.json"
+    assert _load("transformer_parity").main(["--preset", preset, "--height", "64", "--width", "48", "--batch",
+                                             str(batch), "--text-tokens", "6", "--repeats", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["image_tokens"] == 12
     assert result["jax_float32_vs_torch_fp32_rel"] <= 1e-5

@@ -1,15 +1,16 @@
-"""Full-size FLUX parity and step time: jaxdit vs diffusers on the same random weights, one run.
+"""Full-size transformer parity and step time: jaxdit vs diffusers on the same random weights, one run.
 
-    python benchmarks/flux_parity.py --preset flux-dev --height 1024 --width 1024 --out flux_parity.json
+    python benchmarks/transformer_parity.py --preset flux-dev --height 1024 --width 1024 --out flux_dev.json
+    python benchmarks/transformer_parity.py --preset sd3.5-large --batch 2 --text-tokens 333 --out sd35.json
 
-1. Builds diffusers' FluxTransformer2DModel from the preset with seeded random weights and saves it as a
+1. Builds the diffusers transformer (FluxTransformer2DModel / SD3Transformer2DModel) from the preset with seeded random weights and saves it as a
    diffusers folder in bfloat16 (bf16 values are exact in float32, so both precisions see the same weights).
 2. PyTorch: float32 forward (TF32 off) -> the reference; bfloat16 forward -> diffusers' own bf16 error.
    Median step time of each over --repeats runs after a warm-up.
 3. jaxdit: loads the folder with its converter, float32 forward at matmul precision "highest" and a
    bfloat16 forward, their relative errors vs the reference, compile time and median step time.
 Prints a table and writes JSON. Memory: the torch model is freed before jaxdit loads, so flux-dev fits
-one 80 GB GPU (float32 weights 48 GB).
+one 80 GB GPU (float32 weights 48 GB). SD3 runs with batch 2 stand for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -47,32 +48,34 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where the random checkpoint is written (default: a temp dir)")
-    p.add_argument("--out", default="flux_parity.json")
+    p.add_argument("--out", default="transformer_parity.json")
     args = p.parse_args(argv)
 
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel
     from diffusers.utils import logging as diffusers_logging
 
     import jax
     import jax.numpy as jnp
 
-    from jaxdit import flux
     from jaxdit.convert.loader import read_torch_checkpoint
     from jaxdit.configs import get_config
-    from jaxdit.parity import flux_inputs, randomize_weights
+    from jaxdit.parity import _families, randomize_weights
 
     diffusers_logging.set_verbosity_error()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     config = get_config(args.preset)
-    inputs, _ = flux_inputs(config, 1, args.height, args.width, args.text_tokens, False, args.seed)
+    fam = _families()[config.family]
+    inputs, _ = fam.inputs(config, args.batch, args.height, args.width, args.text_tokens, False, args.seed)
+    image_tokens = (args.height // 16) * (args.width // 16)
     result = {"preset": args.preset, "height": args.height, "width": args.width, "text_tokens": args.text_tokens,
-              "image_tokens": inputs["hidden_states"].shape[1], "jax_devices": str(jax.devices()),
+              "batch": args.batch, "image_tokens": image_tokens, "jax_devices": str(jax.devices()),
               "torch_device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "versions": {"jax": jax.__version__, "torch": torch.__version__}}
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         folder = Path(tmp) / "transformer"
         t0 = time.perf_counter()
         with torch.device("cpu"):
-            model = randomize_weights(FluxTransformer2DModel(**config.to_diffusers()), args.seed)
+            model = randomize_weights(getattr(diffusers, fam.torch_class)(**config.to_diffusers()), args.seed)
         model.to(torch.bfloat16).save_pretrained(folder)
         result["seconds_build_checkpoint"] = time.perf_counter() - t0
 
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
     for name in ("float32", "bfloat16"):
         cfg = loaded_config.replace(dtype=name)
         p_dt = jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(name), params))
-        fn = jax.jit(lambda p, x: flux.FluxTransformer(cfg).apply({"params": p}, **x))
+        fn = jax.jit(lambda p, x, cfg=cfg: fam.forward(p, cfg, x, None, 0)[0])
         x = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
         with jax.default_matmul_precision("highest" if name == "float32" else "default"):
             t0 = time.perf_counter()
@@ -142,8 +145,8 @@ def main(argv=None) -> int:
             ("step s, diffusers bf16 (eager)", result["torch_bfloat16_step_s"]),
             ("step s, jaxdit bf16", result["jax_bfloat16_step_s"]),
             ("compile s, jaxdit bf16", result["jax_bfloat16_compile_s"])]
-    print(f"{args.preset} {args.height}x{args.width}, {result['image_tokens']} image + {args.text_tokens} text "
-          f"tokens on {result['torch_device']}")
+    print(f"{args.preset} {args.height}x{args.width}, batch {args.batch}, {image_tokens} image + {args.text_tokens} "
+          f"text tokens on {result['torch_device']}")
     for k, v in rows:
         print(f"  {k:<48} {v:.4g}")
     out_path = Path(args.out)
