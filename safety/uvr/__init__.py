@@ -1,0 +1,5 @@
+"""UVR: training-free restriction of unsafe information flow in MM-DiT joint attention.
+
+`localize` finds unsafe patches in the start-up stage from anchor scores; `regulate` turns the masks
+into attention transformations and edits for `jaxdit.hooks`.
+"""
