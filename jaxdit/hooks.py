@@ -277,9 +277,14 @@ class BlockHooks:
                            stack=self.stack, stream=stream, site=site, layout=self.layout)
 
     def site(self, stream: str, site: str, x: jax.Array) -> jax.Array:
-        """Apply edits at this site, then capture the (edited) value."""
+        """Capture the model's value at this site, then apply the edits at it.
+
+        Captures see edits made upstream but not those at the same site, so a controller can read a
+        site (e.g. to localize) and edit it in the same forward pass.
+        """
         if not self.active:
             return x
+        self.record(stream, site, x)
         for p, e in self._edits:
             if p.stream != stream or p.site != site:
                 continue
@@ -289,7 +294,6 @@ class BlockHooks:
             else:
                 x = jax.lax.cond(self.layer == p.layer, lambda v: e.fn(e.params, v, ctx).astype(v.dtype),
                                  lambda v: v, x)
-        self.record(stream, site, x)
         return x
 
     def record(self, stream: str, site: str, x: jax.Array) -> None:
@@ -367,3 +371,17 @@ def validate_hooks(hooks: Hooks | None, table, num_layers: dict[str, int]) -> No
         m.applies_to("")  # validates the pattern
         if m.bias is None and m.scale is None:
             raise ValueError("AttentionMask needs a bias or a scale")
+
+
+def merge(*hooks: Hooks | None) -> Hooks | None:
+    """One Hooks value doing what all of `hooks` do (captures united, edits and masks in order).
+
+    Step and rng come from the first value that sets them.
+    """
+    given = [h for h in hooks if h is not None]
+    if not given:
+        return None
+    capture = tuple(dict.fromkeys(c for h in given for c in h.capture))
+    rng = next((h.rng for h in given if h.rng is not None), None)
+    return Hooks(capture=capture, edits=tuple(e for h in given for e in h.edits),
+                 attention=tuple(m for h in given for m in h.attention), step=given[0].step, rng=rng)

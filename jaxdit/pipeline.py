@@ -6,7 +6,8 @@
 Each pipeline mirrors its diffusers counterpart step for step (prompt encoding, latent packing and ids,
 schedule, guidance, decoding), so with the same initial noise the results agree with diffusers. The
 denoising loop is one compiled program (`jaxdit.sampling.euler_sample`); `hooks` (a `jaxdit.hooks.Hooks`,
-or a function step -> Hooks) reach the transformer at every step with `Hooks.step` set to the step index.
+or a function step -> Hooks) reach the transformer at every step with `Hooks.step` set to the step index;
+a `controller` (e.g. `jaxdit.safety.uvr.regulate.UVRController`) carries state across steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ import numpy as np
 
 from jaxdit import flux, hooks as hk, sampling, text, vae
 from jaxdit.convert.safetensors_io import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Token layout and patch grids of one sampling run, handed to controllers (static)."""
+
+    layout: hk.TokenLayout
+    grid: tuple[int, int]  # generated patches (rows, cols)
+    ctx_grid: tuple[int, int] | None = None  # context patches (Kontext)
 
 PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height): what Kontext was trained on
     (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
@@ -185,7 +195,7 @@ class FluxPipeline:
             self._bar.update(1)
 
     def _sample(self, latents, grid, embeds, pooled, guidance, sigmas, timesteps, context=None, context_ids=None,
-                hooks: HooksArg = None, progress: bool = True):
+                hooks: HooksArg = None, progress: bool = True, controller=None):
         """Run the compiled denoising loop; context tokens (Kontext) ride after the noise tokens."""
         ids = flux.image_ids(*grid)
         if context is not None:
@@ -198,11 +208,14 @@ class FluxPipeline:
 
             self._bar = tqdm(total=len(timesteps), desc="denoising", unit="step", leave=False)
         try:
+            ctx_grid = None if context is None else tuple(int(v) + 1 for v in context_ids[-1, 1:])
+            geometry = Geometry(hk.TokenLayout(embeds.shape[1], latents.shape[1], 0 if context is None else
+                                               context.shape[1]), tuple(grid), ctx_grid)
             out = _flux_sample(
                 self.transformer_params, cast(latents), cast(embeds), cast(pooled), guidance, sigmas, timesteps, ids,
-                flux.text_ids(embeds.shape[1]), cast(context), None if callable(hooks) else hooks,
+                flux.text_ids(embeds.shape[1]), cast(context), None if callable(hooks) else hooks, controller,
                 config=self.transformer_config, hooks_fn=hooks if callable(hooks) else None,
-                on_step=self._tick if progress else None)
+                on_step=self._tick if progress else None, geometry=geometry)
             out = jax.block_until_ready(out)
             jax.effects_barrier()
         finally:
@@ -220,14 +233,14 @@ class FluxPipeline:
                  num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0,
                  latents: jax.Array | None = None, max_sequence_length: int | None = None,
                  num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
-                 progress: bool = True):
+                 progress: bool = True, controller=None):
         prompts = _prompts(prompt, num_images_per_prompt)
         grid = self._token_grid(height, width)
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length or self.default_max_sequence_length)
         latents = self._check_latents(latents, len(prompts), height, width, seed)
         sigmas, timesteps = sampling.flux_schedule(self.scheduler, num_inference_steps, latents.shape[1])
         out = self._sample(latents, grid, embeds, pooled, self._guidance(len(prompts), guidance_scale), sigmas,
-                           timesteps, hooks=hooks, progress=progress)
+                           timesteps, hooks=hooks, progress=progress, controller=controller)
         if output_type == "latent":
             return out
         return _postprocess(self.decode(out, height, width), output_type)
@@ -257,7 +270,7 @@ class FluxKontextPipeline(FluxPipeline):
                  num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0,
                  latents: jax.Array | None = None, max_sequence_length: int | None = None,
                  num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
-                 progress: bool = True, max_area: int = 1024 ** 2, auto_resize: bool = True):
+                 progress: bool = True, max_area: int = 1024 ** 2, auto_resize: bool = True, controller=None):
         f2 = self.vae_scale_factor * 2
         pixels, img_h, img_w = self.prepare_image(image, auto_resize)
         height = height or img_h
@@ -277,27 +290,42 @@ class FluxKontextPipeline(FluxPipeline):
         latents = self._check_latents(latents, len(prompts), height, width, seed)
         sigmas, timesteps = sampling.flux_schedule(self.scheduler, num_inference_steps, latents.shape[1])
         out = self._sample(latents, grid, embeds, pooled, self._guidance(len(prompts), guidance_scale), sigmas,
-                           timesteps, context, context_ids, hooks, progress)
+                           timesteps, context, context_ids, hooks, progress, controller)
         if output_type == "latent":
             return out
         return _postprocess(self.decode(out, height, width), output_type)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "hooks_fn", "on_step"))
+@functools.partial(jax.jit, static_argnames=("config", "hooks_fn", "on_step", "geometry"))
 def _flux_sample(params, latents, embeds, pooled, guidance, sigmas, timesteps, img_ids, txt_ids, context, hooks,
-                 *, config, hooks_fn, on_step):
-    """The FLUX denoising loop as one program: [noise; context] tokens in, noise-token velocity out."""
+                 controller, *, config, hooks_fn, on_step, geometry):
+    """The FLUX denoising loop as one program: [noise; context] tokens in, noise-token velocity out.
+
+    A `controller` (e.g. UVR) carries its state through the loop: hooks from the state before each
+    step, the state updated from that step's captures after it.
+    """
     n_noise = latents.shape[1]
     n_ctx = 0 if context is None else context.shape[1]
 
-    def denoise(x, t, i):
+    def forward(x, t, i, step_hooks):
         tokens = x if context is None else jnp.concatenate([x, context], axis=1)
-        step_hooks = _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)
-        v, _ = flux.forward(params, config, tokens, embeds, pooled, jnp.full((x.shape[0],), t / 1000), img_ids,
-                            txt_ids, guidance, step_hooks, n_ctx)
-        return v[:, :n_noise]
+        v, caps = flux.forward(params, config, tokens, embeds, pooled, jnp.full((x.shape[0],), t / 1000), img_ids,
+                               txt_ids, guidance, step_hooks, n_ctx)
+        return v[:, :n_noise], caps
 
-    return sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step)
+    user = lambda i: _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)  # noqa: E731
+    if controller is None:
+        return sampling.euler_sample(lambda x, t, i: forward(x, t, i, user(i))[0], latents, sigmas, timesteps,
+                                     on_step)
+
+    def denoise(x, t, i, state):
+        step_hooks = hk.merge(user(i), controller.hooks(state, i, t, geometry)).replace(step=i)
+        v, caps = forward(x, t, i, step_hooks)
+        return v, controller.update(state, caps, i, t, geometry)
+
+    out, _ = sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step,
+                                   state=controller.init(latents.shape[0], geometry))
+    return out
 
 
 @dataclasses.dataclass

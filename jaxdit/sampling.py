@@ -114,30 +114,37 @@ def flux_schedule(config: SchedulerConfig, num_steps: int, image_seq_len: int):
     return flow_match_schedule(config, num_steps, sigmas=sigmas, mu=flux_mu(image_seq_len, config))
 
 
-Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+Denoiser = Callable[..., Any]
 
 
 def euler_sample(denoise: Denoiser, latents: jax.Array, sigmas: jax.Array, timesteps: jax.Array,
-                 on_step: Callable[[jax.Array, jax.Array], None] | None = None) -> jax.Array:
+                 on_step: Callable[[jax.Array], None] | None = None, state: Any = None):
     """Integrate the flow ODE with Euler steps, all steps inside one `lax.scan`.
 
     denoise(latents, timestep, step_index) -> velocity, with `timestep` the scheduler's value
-    (sigma * 1000) and `step_index` an int32 scalar. The update is computed in float32 and cast back to
-    the latents' dtype, as diffusers does. `on_step(step_index)` runs as a host callback after each
-    step (progress bars); None adds nothing to the program.
+    (sigma * 1000) and `step_index` an int32 scalar. With `state` (any pytree, e.g. a safety
+    controller's masks), denoise(latents, timestep, step_index, state) -> (velocity, state) and the final
+    state is returned too. The update is computed in float32 and cast back to the latents' dtype, as
+    diffusers does. `on_step(step_index)` runs as a host callback after each step (progress bars);
+    None adds nothing to the program.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     timesteps = jnp.asarray(timesteps, jnp.float32)
+    stateful = state is not None
 
-    def body(x, i):
-        v = denoise(x, timesteps[i], i)
+    def body(carry, i):
+        x, st = carry
+        if stateful:
+            v, st = denoise(x, timesteps[i], i, st)
+        else:
+            v = denoise(x, timesteps[i], i)
         x_next = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
         if on_step is not None:
             jax.debug.callback(on_step, i, ordered=True)
-        return x_next, None
+        return (x_next, st), None
 
-    out, _ = jax.lax.scan(body, latents, jnp.arange(timesteps.shape[0], dtype=jnp.int32))
-    return out
+    (out, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(timesteps.shape[0], dtype=jnp.int32))
+    return (out, state) if stateful else out
 
 
 def cfg_combine(uncond: jax.Array, cond: jax.Array, scale) -> jax.Array:
