@@ -4,6 +4,9 @@
     jaxdit parity (--preset NAME | --model DIR) [--dtype float32|bfloat16] [--json]
     jaxdit generate --model DIR --prompt TEXT --out PNG [--seed --steps --size --guidance --dtype]
     jaxdit edit --model DIR --image IN --prompt TEXT --out PNG [...]
+    jaxdit uvr anchors --model DIR --concept NAME --prompts FILE --out BANK
+    jaxdit sae harvest|train|export|import ...
+    (generate / edit take --uvr BANK to restrict that concept)
 
 Errors in the input (a missing file, a bad checkpoint, a wrong flag value) print one line naming what is
 wrong and exit with status 2; nothing half-written is left behind.
@@ -82,6 +85,11 @@ def _generate(args, editing: bool = False) -> int:
         kw["max_sequence_length"] = args.max_sequence_length
     if args.size is not None:
         kw["height"], kw["width"] = args.size
+    from jaxdit.safety.uvr.cli import controller_from_args
+
+    controller = controller_from_args(args, editing)
+    if controller is not None:
+        kw["controller"] = controller
     if editing:
         from PIL import Image, UnidentifiedImageError
 
@@ -101,6 +109,8 @@ def _generate(args, editing: bool = False) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxdit.configs import PRESETS
+    from jaxdit.safety.uvr import cli as uvr_cli
+    from jaxdit.train import cli as sae_cli
 
     p = argparse.ArgumentParser(prog="jaxdit", description="FLUX.1 / SD3.x diffusion transformers in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
         g.add_argument("--num-images", type=int, default=1)
         g.add_argument("--max-sequence-length", type=int)
+        uvr_cli.add_generation_options(g)
         g.set_defaults(fn=lambda a, e=editing: _generate(a, e))
+    uvr_cli.register(sub)
+    sae_cli.register(sub)
     return p
 
 

@@ -1,0 +1,162 @@
+"""UVR anchor banks: per-head attention-output vectors of unsafe patches, collected offline.
+
+The public reference saves the per-head attention output of single-stream block 10 on unsafe generations
+but never turns it into anchors (`key_tensor = None  # need to compute`). jaxdit completes the step:
+
+1. generate from prompts containing the concept, capturing at the localization position the per-head
+   output of the generated patches and, at the same block, the text-to-image attention weights, over the
+   start-up steps (timestep >= window);
+2. the unsafe patches of each image are those the concept's text tokens attend to most: the weights from
+   the concept tokens, summed over heads, tokens and steps, above `quantile` of the image's patches
+   (or a given per-patch mask, e.g. from a detector);
+3. per head, the selected vectors (over images and steps) are reduced to K anchors by k-means
+   (deterministic k-means++-free init: evenly spaced samples), giving a bank [H, K, D].
+
+Banks are safetensors files (`anchors` [H, K, D] + JSON metadata: concept, model, position, steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdit import hooks as hk
+
+
+def kmeans(x: np.ndarray, k: int, iters: int = 20) -> np.ndarray:
+    """K centroids of the rows of x [N, D] (N >= 1); init from evenly spaced rows, Lloyd iterations."""
+    n = x.shape[0]
+    k = min(k, n)
+    centroids = x[np.linspace(0, n - 1, k).round().astype(int)].astype(np.float64)
+    for _ in range(iters):
+        d = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+        assign = d.argmin(1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                centroids[j] = members.mean(0)
+    return centroids.astype(np.float32)
+
+
+def concept_token_positions(tokenizer, prompt: str, concept: str, max_length: int) -> np.ndarray:
+    """Indices of the T5 tokens of `prompt` (padded to max_length) that spell `concept`."""
+    ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+    target = tokenizer(concept, add_special_tokens=False)["input_ids"]
+    if not target:
+        raise ValueError(f"concept {concept!r} tokenizes to nothing")
+    hits = [i + j for i in range(len(ids) - len(target) + 1) if ids[i:i + len(target)] == target
+            for j in range(len(target))]
+    return np.asarray(sorted(set(hits)), np.int64)
+
+
+def patch_mask_from_attention(probs: np.ndarray, token_positions: np.ndarray, n_gen: int,
+                              quantile: float = 0.8) -> np.ndarray:
+    """probs [S, H, T_txt, T_img] (steps of one image) -> unsafe generated patches [n_gen] bool."""
+    score = probs[:, :, token_positions, :n_gen].sum(axis=(0, 1, 2))
+    return score > np.quantile(score, quantile)
+
+
+def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.10.img.attn_heads",
+            height: int = 1024, width: int = 1024, num_inference_steps: int = 28, window_t: float = 850.0,
+            seed: int = 0, quantile: float = 0.8, max_sequence_length: int | None = None,
+            patch_masks: list[np.ndarray] | None = None, num_anchors: int = 16, progress: bool = True):
+    """Anchor bank [H, K, D] for `concept` from FLUX generations of `prompts` (see module docstring)."""
+    from jaxdit import sampling
+
+    p = hk.Position.parse(position)
+    probs_at = f"{p.stack}.{p.layer}.joint.attn_probs_txt_to_img"
+    max_len = max_sequence_length or pipe.default_max_sequence_length
+    grid = pipe._token_grid(height, width)
+    n_gen = grid[0] * grid[1]
+    _, timesteps = sampling.flux_schedule(pipe.scheduler, num_inference_steps, n_gen)
+    window = np.flatnonzero(timesteps >= window_t)
+    if len(window) == 0:
+        raise ValueError(f"no step has timestep >= {window_t}; lower window_t")
+    per_head = []
+    for i, prompt in enumerate(prompts):
+        heads, probs = [], []
+
+        def keep(caps, step):
+            heads.append(np.asarray(caps[position])[0, :n_gen])
+            probs.append(np.asarray(caps[probs_at])[0])
+
+        hooks = hk.Hooks(capture=(position, probs_at))
+        _run_capturing(pipe, prompt, hooks, keep, height=height, width=width, steps=num_inference_steps,
+                       seed=seed + i, max_len=max_len, window=window)
+        heads, probs = np.stack(heads), np.stack(probs)  # [S, n_gen, H, D], [S, H, T_txt, T_img]
+        if patch_masks is not None:
+            mask = np.asarray(patch_masks[i], bool).reshape(-1)
+        else:
+            tokens = concept_token_positions(pipe.tokenizer_2, prompt, concept, max_len)
+            if len(tokens) == 0:
+                raise ValueError(f"prompt {i} ({prompt!r}) does not contain the concept {concept!r}")
+            mask = patch_mask_from_attention(probs, tokens, n_gen, quantile)
+        per_head.append(heads[:, mask])  # [S, m, H, D]
+    vectors = np.concatenate([v.reshape(-1, *v.shape[2:]) for v in per_head])  # [N, H, D]
+    if len(vectors) == 0:
+        raise ValueError("no unsafe patch was selected; lower the quantile or give patch masks")
+    anchors = np.stack([kmeans(vectors[:, h], num_anchors) for h in range(vectors.shape[1])])
+    meta = {"concept": concept, "position": position, "steps": [int(s) for s in window],
+            "num_inference_steps": num_inference_steps, "height": height, "width": width,
+            "prompts": list(prompts), "vectors": int(len(vectors))}
+    return anchors, meta
+
+
+def _run_capturing(pipe, prompt, hooks, keep, *, height, width, steps, seed, max_len, window):
+    """Generate once with a controller that records the captures of the window steps on the host."""
+    from flax import struct
+
+    window = set(int(s) for s in window)
+
+    @struct.dataclass
+    class Recorder:
+        def init(self, batch, geometry):
+            return jnp.zeros((), jnp.int32)
+
+        def hooks(self, state, step, t, geometry):
+            return hooks
+
+        def update(self, state, captures, step, t, geometry):
+            def host(caps, s):
+                if int(s) in window:
+                    keep(caps, int(s))
+            jax.debug.callback(host, {k: captures[k] for k in hooks.capture}, step, ordered=True)
+            return state
+
+    pipe(prompt, height=height, width=width, num_inference_steps=steps, seed=seed, max_sequence_length=max_len,
+         output_type="latent", progress=False, controller=Recorder())
+    jax.effects_barrier()
+
+
+def save_bank(path, anchors: np.ndarray, meta: dict) -> Path:
+    """Write a bank atomically: safetensors with `anchors` [H, K, D] and JSON metadata."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({"anchors": np.ascontiguousarray(anchors, np.float32)}, tmp,
+                  metadata={"jaxdit": json.dumps({"format": "uvr-anchors", "version": 1, **meta})})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_bank(path) -> tuple[np.ndarray, dict]:
+    from jaxdit.convert.safetensors_io import CheckpointError, SafetensorsFile
+
+    f = SafetensorsFile(path)
+    if "anchors" not in f.keys() or "jaxdit" not in f.metadata:
+        raise CheckpointError(f"{path}: not a UVR anchor bank (needs an 'anchors' tensor and jaxdit metadata)")
+    anchors = np.asarray(f.get("anchors"), np.float32)
+    if anchors.ndim != 3:
+        raise CheckpointError(f"{path}: anchors must be [heads, K, head_dim], got {anchors.shape}")
+    return anchors, json.loads(f.metadata["jaxdit"])

@@ -1,0 +1,72 @@
+"""`jaxdit uvr ...` commands and the `--uvr BANK` option of `jaxdit generate` / `jaxdit edit`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    u = sub.add_parser("uvr", help="UVR: anchor banks for unsafe concepts")
+    usub = u.add_subparsers(dest="uvr_command", required=True)
+    a = usub.add_parser("anchors", help="collect an anchor bank for a concept from generations",
+                        description="Generates each prompt (one per line of --prompts), captures the per-head "
+                                    "attention output at --position over the start-up steps, selects the patches "
+                                    "the concept's tokens attend to most, and clusters them per head.")
+    a.add_argument("--model", required=True, help="FLUX pipeline folder")
+    a.add_argument("--concept", required=True, help="the concept's words, as they appear in the prompts")
+    a.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    a.add_argument("--out", required=True, help="output bank (.safetensors)")
+    a.add_argument("--position", default="single.10.img.attn_heads")
+    a.add_argument("--steps", type=int, default=28)
+    a.add_argument("--size", type=int, default=1024)
+    a.add_argument("--window-t", type=float, default=850.0, help="start-up window: timesteps >= this")
+    a.add_argument("--quantile", type=float, default=0.8, help="patches above this attention quantile")
+    a.add_argument("--num-anchors", type=int, default=16)
+    a.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(fn=_anchors)
+
+
+def add_generation_options(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--uvr", metavar="BANK", help="restrict the concept of this UVR anchor bank")
+    g.add_argument("--uvr-threshold", type=float, help="localization threshold (default 0.6, editing 0.2)")
+
+
+def controller_from_args(args, editing: bool):
+    """The UVR controller for `--uvr BANK`, or None."""
+    if not getattr(args, "uvr", None):
+        return None
+    import dataclasses
+
+    import jax
+
+    from jaxdit.safety.uvr import localize as loc
+    from jaxdit.safety.uvr.anchors import load_bank
+    from jaxdit.safety.uvr.regulate import RegulateConfig, UVRController
+
+    anchors, meta = load_bank(args.uvr)
+    cfg = loc.EDIT if editing else loc.T2I
+    if args.uvr_threshold is not None:
+        cfg = dataclasses.replace(cfg, threshold=args.uvr_threshold)
+    return UVRController(jax.numpy.asarray(anchors), jax.random.key(args.seed), "edit" if editing else "t2i", cfg,
+                         RegulateConfig(localize_at=meta["position"]))
+
+
+def _anchors(args) -> int:
+    from pathlib import Path
+
+    from jaxdit.pipeline import FluxPipeline, load_pipeline
+    from jaxdit.safety.uvr.anchors import collect, save_bank
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts}: no prompts")
+    pipe = load_pipeline(args.model, dtype=args.dtype)
+    if not isinstance(pipe, FluxPipeline):
+        raise ValueError(f"{args.model}: UVR anchors need a FLUX pipeline")
+    bank, meta = collect(pipe, prompts, args.concept, position=args.position, height=args.size, width=args.size,
+                         num_inference_steps=args.steps, window_t=args.window_t, seed=args.seed,
+                         quantile=args.quantile, num_anchors=args.num_anchors)
+    meta["model"] = str(args.model)
+    print(f"wrote {save_bank(args.out, bank, meta)} ({meta['vectors']} patch vectors -> {bank.shape})")
+    return 0

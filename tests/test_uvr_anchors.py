@@ -1,0 +1,82 @@
+"""UVR anchor banks: k-means, concept tokens, patch selection, collection from a tiny FLUX, file round trip."""
+
+import numpy as np
+import pytest
+
+from jaxdit.safety.uvr import anchors as anc
+
+
+def test_kmeans_recovers_planted_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 8)) * 5
+    x = np.concatenate([c + 0.05 * rng.standard_normal((40, 8)) for c in centres])
+    found = anc.kmeans(x, 3)
+    dist = np.linalg.norm(found[:, None] - centres[None], axis=-1)
+    assert sorted(dist.argmin(1).tolist()) == [0, 1, 2] and dist.min(1).max() < 0.1
+
+
+def test_patch_mask_from_attention():
+    rng = np.random.default_rng(1)
+    probs = rng.random((2, 3, 5, 10)) * 0.01
+    probs[:, :, 2, [1, 7]] += 1.0  # token 2 attends to patches 1 and 7
+    mask = anc.patch_mask_from_attention(probs, np.array([2]), n_gen=8, quantile=0.75)
+    assert np.flatnonzero(mask).tolist() == [1, 7]
+
+
+@pytest.fixture(scope="module")
+def dev_pipe(tmp_path_factory):
+    from jaxdit.pipeline import FluxPipeline
+    from pipeline_twins import flux_pipeline_folder
+
+    path = tmp_path_factory.mktemp("anchors") / "dev"
+    flux_pipeline_folder(path, guidance=True, seed=21)
+    return FluxPipeline.from_pretrained(path)
+
+
+def test_concept_tokens(dev_pipe):
+    tok = dev_pipe.tokenizer_2
+    pos = anc.concept_token_positions(tok, "a photo of a cat sitting", "cat", 12)
+    ids = tok("a photo of a cat sitting", padding="max_length", max_length=12)["input_ids"]
+    assert tok.decode([ids[i] for i in pos]).strip() == "cat"
+
+
+def test_collect_save_load_and_use(dev_pipe, tmp_path):
+    prompts = ["a photo of a cat sitting on a red chair", "two dogs and a cat in the snow"]
+    bank, meta = anc.collect(dev_pipe, prompts, "cat", position="single.1.img.attn_heads", height=32, width=32,
+                             num_inference_steps=3, window_t=0.0, num_anchors=4, max_sequence_length=24)
+    cfg = dev_pipe.transformer_config
+    assert bank.shape == (cfg.num_attention_heads, 4, cfg.attention_head_dim)
+    assert meta["steps"] == [0, 1, 2] and meta["vectors"] > 0 and np.isfinite(bank).all()
+    path = anc.save_bank(tmp_path / "cat.safetensors", bank, meta)
+    loaded, loaded_meta = anc.load_bank(path)
+    np.testing.assert_array_equal(loaded, bank)
+    assert loaded_meta["concept"] == "cat" and loaded_meta["format"] == "uvr-anchors"
+    with pytest.raises(ValueError, match="does not contain the concept"):
+        anc.collect(dev_pipe, ["a dog"], "cat", position="single.1.img.attn_heads", height=32, width=32,
+                    num_inference_steps=2, window_t=0.0, max_sequence_length=12)
+
+
+def test_cli_anchors_then_generate_with_uvr(dev_pipe, tmp_path, capsys):
+    from PIL import Image
+
+    from jaxdit.cli import main
+
+    folder = tmp_path / "pipe"
+    from pipeline_twins import flux_pipeline_folder
+
+    flux_pipeline_folder(folder, guidance=True, seed=21)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat sitting on a red chair\n\na cat on the moon\n")
+    bank = tmp_path / "cat.safetensors"
+    assert main(["uvr", "anchors", "--model", str(folder), "--concept", "cat", "--prompts", str(prompts),
+                 "--out", str(bank), "--position", "single.1.img.attn_heads", "--steps", "2", "--size", "32",
+                 "--window-t", "0", "--num-anchors", "3"]) == 0
+    assert bank.exists()
+    base = ["generate", "--model", str(folder), "--prompt", "a cat", "--steps", "2", "--size", "32",
+            "--max-sequence-length", "12"]
+    assert main([*base, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*base, "--out", str(tmp_path / "uvr.png"), "--uvr", str(bank), "--uvr-threshold=-1e9"]) == 0
+    with Image.open(tmp_path / "uvr.png") as im:
+        assert im.size == (32, 32)
+    assert main([*base, "--out", str(tmp_path / "x.png"), "--uvr", str(prompts)]) == 2
+    assert "prompts.txt" in capsys.readouterr().err

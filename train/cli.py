@@ -1,0 +1,178 @@
+"""`jaxdit sae ...` subcommands; `register(subparsers)` adds them to the `jaxdit` parser.
+
+    jaxdit sae train --data STORE_OR_NPY --out DIR --steps N [--arch topk] [--k 64] [--expansion 16]
+                     [--batch-size 4096] [--lr LR] [--mesh data,fsdp,tensor] [--resume] ...
+    jaxdit sae export --format saelens|sparsify SAE_DIR OUT
+    jaxdit sae import --format saelens|sparsify SRC OUT
+    jaxdit sae harvest --model CKPT --conditioning EMB.safetensors --positions POS... --steps S... --out DIR
+
+Bad input raises ValueError / FileNotFoundError / FileExistsError with one line naming the problem; the
+`jaxdit` main turns those into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _mesh(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected three integers data,fsdp,tensor (e.g. 2,1,4)")
+    return sizes
+
+
+def _train(args) -> int:
+    from jaxdit.train import sae, trainer
+    from jaxdit.train.store import ActivationStore, open_source
+
+    source = open_source(args.data)
+    manifest = source.manifest if isinstance(source, ActivationStore) else {}
+    n = args.latents if args.latents is not None else args.expansion * source.d
+    cfg = sae.SAEConfig(d_in=source.d, n_latents=n, arch=args.arch, k=args.k, compute_dtype=args.compute_dtype,
+                        position=args.position or manifest.get("position"), model=args.model or manifest.get("model"))
+    loss = sae.LossConfig(aux_k=args.aux_k, aux_alpha=args.aux_alpha, dead_tokens=args.dead_tokens,
+                          sparsity_coeff=args.sparsity_coeff)
+    tc = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                             decay=args.decay, decay_start=args.decay_start, b1=args.b1, loss=loss, seed=args.seed,
+                             b_dec_init=args.b_dec_init, shuffle_window=args.shuffle_window)
+    opts = trainer.RunOptions(mesh=args.mesh, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                              progress=not args.no_progress)
+    cfg, _ = trainer.train(args.data, args.out, cfg, tc, opts, resume=args.resume)
+    print(f"wrote {Path(args.out) / 'sae'} ({cfg.arch}, d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
+          f"input_scale={cfg.input_scale:g})")
+    return 0
+
+
+def _export(args) -> int:
+    from jaxdit.train.interop import export_sae
+
+    print(f"wrote {export_sae(args.sae_dir, args.out, args.format, overwrite=args.overwrite)}")
+    return 0
+
+
+def _import(args) -> int:
+    from jaxdit.train.interop import import_sae
+
+    print(f"wrote {import_sae(args.src, args.out, args.format, overwrite=args.overwrite)}")
+    return 0
+
+
+def _harvest(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxdit import load_transformer, sampling
+    from jaxdit.train import harvest as hv
+    from jaxdit.train.interop import read_safetensors
+
+    emb = read_safetensors(Path(args.conditioning))
+    missing = {"encoder_hidden_states", "pooled_projections"} - set(emb)
+    if missing:
+        raise ValueError(f"{args.conditioning}: missing tensors {sorted(missing)} (found {sorted(emb)})")
+    total = emb["encoder_hidden_states"].shape[0]
+    if emb["pooled_projections"].shape[0] != total:
+        raise ValueError(f"{args.conditioning}: encoder_hidden_states has {total} rows but pooled_projections "
+                         f"has {emb['pooled_projections'].shape[0]}")
+    prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else None
+    if prompts is not None and len(prompts) != total:
+        raise ValueError(f"{args.prompts}: {len(prompts)} prompts for {total} conditioning rows")
+    config, params = load_transformer(args.model)
+    name = args.model_name or Path(args.model).name
+    if config.family == "flux":
+        model = hv.flux_model(params, config, name=name, height=args.height, width=args.width, guidance=args.guidance)
+        scheduler = sampling.FLUX_DEV_SCHEDULER if config.guidance_embeds else sampling.FLUX_SCHNELL_SCHEDULER
+        sigmas, timesteps = sampling.flux_schedule(scheduler, args.num_steps, model.latent_shape[0])
+    else:
+        model = hv.sd3_model(params, config, name=name, height=args.height, width=args.width)
+        sigmas, timesteps = sampling.flow_match_schedule(sampling.SD3_SCHEDULER, args.num_steps)
+    batches = ({k: jnp.asarray(v[i:i + args.batch_size]) for k, v in emb.items()
+                if k in ("encoder_hidden_states", "pooled_projections")} for i in range(0, total, args.batch_size))
+    stores = hv.harvest(model, batches, args.positions, args.steps, sigmas=sigmas, timesteps=timesteps, out=args.out,
+                        seed=args.seed, dtype=args.dtype, prompts=prompts)
+    for position, store in stores.items():
+        print(f"{store.path}: {store.count} rows of width {store.d} ({position})")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `sae {train,export,import,harvest}` to an argparse subparsers object."""
+    from jaxdit.train.interop import FORMATS
+    from jaxdit.train.sae import ARCHS, COMPUTE_DTYPES
+    from jaxdit.train.store import DTYPES
+    from jaxdit.train.trainer import B_DEC_INITS, DECAYS
+
+    p = subparsers.add_parser("sae", help="sparse autoencoders: harvest activations, train, export, import")
+    sub = p.add_subparsers(dest="sae_command", required=True)
+
+    t = sub.add_parser("train", help="train an SAE on an activation store or a .npy [N, d] file",
+                       description="Writes OUT/train.json, OUT/checkpoints/, OUT/metrics.jsonl and, at the end, "
+                                   "the SAE in OUT/sae/. Rerun the same command with --resume to continue.")
+    t.add_argument("--data", required=True, help="activation store directory or .npy file")
+    t.add_argument("--out", required=True, help="training output directory")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--arch", choices=ARCHS, default="topk")
+    t.add_argument("--k", type=int, default=64, help="active latents per token (topk, batchtopk)")
+    width = t.add_mutually_exclusive_group()
+    width.add_argument("--expansion", type=int, default=16, help="latents = expansion * d (default 16)")
+    width.add_argument("--latents", type=int, help="number of latents")
+    t.add_argument("--batch-size", type=int, default=4096, help="tokens per step (global)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 / sqrt(latents / 2^14))")
+    t.add_argument("--warmup", type=int, default=1000, help="warm-up steps")
+    t.add_argument("--decay", choices=DECAYS, default="linear")
+    t.add_argument("--decay-start", type=float, default=0.8, help="fraction of the steps where decay begins")
+    t.add_argument("--b1", type=float, default=0.9, help="Adam beta1 (0 is usual for jumprelu)")
+    t.add_argument("--aux-alpha", type=float, default=1 / 32, help="AuxK coefficient (0: off)")
+    t.add_argument("--aux-k", type=int, default=256)
+    t.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing before a latent is dead")
+    t.add_argument("--sparsity-coeff", type=float, default=0.0, help="L0 (jumprelu) / L1 (relu) coefficient")
+    t.add_argument("--b-dec-init", choices=B_DEC_INITS, default="geometric_median")
+    t.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
+                   help="matmul operand dtype (float32 master weights either way)")
+    t.add_argument("--mesh", type=_mesh, default=(-1, 1, 1), help="data,fsdp,tensor device counts (-1: the rest)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shuffle-window", type=int, default=4, help="store chunks shuffled together")
+    t.add_argument("--position", help="hook position recorded with the SAE (default: the store's)")
+    t.add_argument("--model", help="model name recorded with the SAE (default: the store's)")
+    t.add_argument("--log-every", type=int, default=100)
+    t.add_argument("--checkpoint-every", type=int, default=1000)
+    t.add_argument("--resume", action="store_true", help="continue the run in OUT from its newest checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("export", help="convert a jaxdit SAE to the SAELens or sparsify layout")
+    e.add_argument("--format", choices=FORMATS, required=True)
+    e.add_argument("sae_dir", help="jaxdit SAE directory, or a training output directory (OUT of sae train)")
+    e.add_argument("out")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.set_defaults(fn=_export)
+
+    i = sub.add_parser("import", help="convert an SAELens or sparsify SAE to a jaxdit SAE directory")
+    i.add_argument("--format", choices=FORMATS, required=True)
+    i.add_argument("src", help="SAELens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors)")
+    i.add_argument("out")
+    i.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    i.set_defaults(fn=_import)
+
+    h = sub.add_parser("harvest", help="capture activations along denoising trajectories into activation stores",
+                       description="CONDITIONING is a safetensors file with encoder_hidden_states [P, L, D] and "
+                                   "pooled_projections [P, Dp] (text-encoder outputs for P prompts).")
+    h.add_argument("--model", required=True, help="jaxdit checkpoint, diffusers folder or original single file")
+    h.add_argument("--conditioning", required=True)
+    h.add_argument("--prompts", help="JSON list of the P prompt texts (recorded in the stores)")
+    h.add_argument("--positions", nargs="+", required=True, help="hook positions, e.g. single.10.img.resid_post")
+    h.add_argument("--steps", nargs="+", type=int, required=True, help="sampling step indices to capture")
+    h.add_argument("--num-steps", type=int, default=28, help="steps of the schedule")
+    h.add_argument("--height", type=int, default=1024)
+    h.add_argument("--width", type=int, default=1024)
+    h.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance embedding (dev)")
+    h.add_argument("--batch-size", type=int, default=4)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="store dtype")
+    h.add_argument("--model-name", help="recorded in the stores (default: the model path's name)")
+    h.add_argument("--out", required=True, help="directory receiving one store per position")
+    h.set_defaults(fn=_harvest)

@@ -1,0 +1,162 @@
+"""Harvesting token activations from a denoising trajectory into activation stores, one per position.
+
+    model = flux_model(params, config, name="flux-dev", height=1024, width=1024, guidance=3.5)
+    stores = harvest(model, conditioning, ["single.10.img.resid_post"], steps=[0, 14],
+                     sigmas=sigmas, timesteps=timesteps, out="acts/")
+
+The model is any `HarvestModel`: a per-sample latent shape and a pure function
+`apply(latents, timestep, step, hooks, cond) -> (velocity, captures)` (captures as returned by a jaxdit
+model's `forward` with `Hooks(capture=...)`). `flux_model` and `sd3_model` wrap the jaxdit transformers;
+anything else (classifier-free guidance, Kontext context tokens) is another `apply`.
+
+`conditioning` yields one batch at a time, a pytree of arrays with a leading batch axis (for the wrappers
+here: {"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}, from whatever text encoders
+the caller runs). Batch i starts from Gaussian noise drawn from (seed, i), runs Euler steps with the
+given schedule up to the last requested step (all of them in one `lax.scan`), and at each requested
+step keeps the captured positions. Each position's rows [steps * B * tokens, width] (ordered step,
+prompt, token; per-head sites flattened to heads * head_dim) are appended to its store as one chunk
+recording the batch index, prompt range and steps. Interrupted harvests resume: a batch already in a
+store is not appended again, and a rerun draws the same noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxdit import hooks as hk
+from jaxdit.train.store import ActivationStore
+
+Apply = Callable[[jax.Array, jax.Array, jax.Array, hk.Hooks, Any], tuple[jax.Array, dict[str, jax.Array]]]
+NOT_TOKEN_SITES = ("attn_probs_txt_to_img",)
+
+
+@dataclasses.dataclass(frozen=True)
+class HarvestModel:
+    name: str  # recorded in every store manifest
+    latent_shape: tuple[int, ...]  # one sample's latents, e.g. (tokens, 64) for FLUX, (C, h, w) for SD3
+    apply: Apply  # (latents [B, *latent_shape], timestep (scheduler units), step int32, hooks, cond)
+
+
+def flux_model(params, config, *, name: str, height: int, width: int, guidance: float | None = 3.5) -> HarvestModel:
+    """A FLUX transformer generating height x width pixel images (16 pixels per latent token)."""
+    from jaxdit import flux
+
+    if height % 16 or width % 16:
+        raise ValueError(f"image size {height}x{width}: height and width must be multiples of 16")
+    grid_h, grid_w = height // 16, width // 16
+    img_ids = flux.image_ids(grid_h, grid_w)
+
+    def apply(latents, timestep, step, hooks, cond):
+        batch = latents.shape[0]
+        context = cond["encoder_hidden_states"]
+        g = jnp.full((batch,), guidance, jnp.float32) if config.guidance_embeds else None
+        # the sampler's timesteps are sigma * 1000; the FLUX transformer takes sigma
+        t = jnp.full((batch,), timestep / 1000, jnp.float32)
+        return flux.forward(params, config, latents, context, cond["pooled_projections"], t, img_ids,
+                            flux.text_ids(context.shape[1]), g, hooks=hooks)
+
+    return HarvestModel(name, (grid_h * grid_w, config.in_channels), apply)
+
+
+def sd3_model(params, config, *, name: str, height: int, width: int) -> HarvestModel:
+    """An SD3 / SD3.5 transformer generating height x width pixel images (8 pixels per latent pixel)."""
+    from jaxdit import sd3
+
+    if height % 8 or width % 8:
+        raise ValueError(f"image size {height}x{width}: height and width must be multiples of 8")
+
+    def apply(latents, timestep, step, hooks, cond):
+        t = jnp.full((latents.shape[0],), timestep, jnp.float32)
+        return sd3.forward(params, config, latents, cond["encoder_hidden_states"], cond["pooled_projections"], t,
+                           hooks=hooks)
+
+    return HarvestModel(name, (config.in_channels, height // 8, width // 8), apply)
+
+
+def _check_request(positions: Sequence[str], steps: Sequence[int], num_steps: int) -> tuple[int, ...]:
+    if not positions:
+        raise ValueError("harvest: no positions given")
+    for name in positions:
+        if hk.Position.parse(name).site in NOT_TOKEN_SITES:
+            raise ValueError(f"harvest: {name!r} is not a per-token activation (attention probabilities); "
+                             "capture it with Hooks directly")
+    steps = tuple(sorted(set(int(s) for s in steps)))
+    if not steps or steps[0] < 0 or steps[-1] >= num_steps:
+        raise ValueError(f"harvest: steps {list(steps)} must be step indices in [0, {num_steps})")
+    return steps
+
+
+def trajectory_captures(model: HarvestModel, positions: Sequence[str], steps: tuple[int, ...], sigmas, timesteps):
+    """jit-able (noise [B, *latent_shape], cond) -> {position: [len(steps), B, ...]} captured at `steps`.
+
+    Euler steps as `jaxdit.sampling.euler_sample` takes them, with the captures of the requested steps
+    carried in slot buffers (one slot per requested step), stopping after the last requested step.
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    timesteps = jnp.asarray(timesteps, jnp.float32)
+    table = jnp.asarray(steps, jnp.int32)
+
+    def run(noise, cond):
+        hooks = hk.Hooks(capture=tuple(positions))
+        shapes = jax.eval_shape(lambda: model.apply(noise, timesteps[0], jnp.int32(0), hooks, cond)[1])
+        buffers = {k: jnp.zeros((len(steps), *v.shape), v.dtype) for k, v in shapes.items()}
+
+        def body(carry, i):
+            x, buffers = carry
+            v, caps = model.apply(x, timesteps[i], i, hk.Hooks(capture=tuple(positions), step=i), cond)
+            hit = table == i
+            slot = jnp.argmax(hit)
+            buffers = {k: buf.at[slot].set(jnp.where(jnp.any(hit), caps[k].astype(buf.dtype), buf[slot]))
+                       for k, buf in buffers.items()}
+            x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
+            return (x, buffers), None
+
+        (_, buffers), _ = jax.lax.scan(body, (noise, buffers), jnp.arange(steps[-1] + 1, dtype=jnp.int32))
+        return buffers
+
+    return run
+
+
+def harvest(model: HarvestModel, conditioning: Iterable[Any], positions: Sequence[str], steps: Sequence[int], *,
+            sigmas, timesteps, out: str | os.PathLike, seed: int = 0, dtype: str = "float32",
+            prompts: Sequence[str] | None = None, progress: bool = True) -> dict[str, ActivationStore]:
+    """Run every conditioning batch through the trajectory and append the captures to stores under `out`
+    (one directory per position, named after it). `sigmas` [N+1] / `timesteps` [N] come from
+    `jaxdit.sampling` (e.g. `flux_schedule`); `prompts`, if given, are the texts of the conditioning rows
+    in order, recorded with each chunk. Positions may use `*` for every layer."""
+    steps = _check_request(positions, steps, len(timesteps))
+    run = jax.jit(trajectory_captures(model, positions, steps, sigmas, timesteps))
+    out = Path(out)
+    stores: dict[str, ActivationStore] = {}
+    offset = 0
+    for i, cond in enumerate(tqdm(conditioning, desc="harvest", unit="batch", disable=not progress)):
+        batch = jax.tree.leaves(cond)[0].shape[0]
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (batch, *model.latent_shape))
+        if not stores:
+            shapes = jax.eval_shape(run, noise, cond)
+            for name, shape in sorted(shapes.items()):
+                width = int(np.prod(shape.shape[3:], dtype=np.int64))  # [steps, B, tokens, width...]
+                stores[name] = ActivationStore.create(
+                    out / name, d=width, dtype=dtype, model=model.name, position=name, steps=list(steps),
+                    timesteps=[float(timesteps[s]) for s in steps], exist_ok=True)
+        todo = [name for name, store in stores.items() if i not in {c.get("batch") for c in store.chunks}]
+        if todo:
+            captured = run(noise, cond)
+            record = {"batch": i, "prompt_range": [offset, offset + batch], "steps": list(steps),
+                      "layout": ["step", "prompt", "token"]}
+            if prompts is not None:
+                record["prompt_texts"] = list(prompts[offset:offset + batch])
+            for name in todo:
+                value = np.asarray(captured[name])  # [steps, B, tokens, width...]
+                record["tokens"] = int(value.shape[2])
+                stores[name].append(value.reshape(-1, stores[name].d), record, prompts=batch)
+        offset += batch
+    return stores

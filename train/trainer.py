@@ -1,0 +1,407 @@
+"""SAE training: optax Adam under `jax.jit` on a ("data", "fsdp", "tensor") mesh, resumable exactly.
+
+    cfg, params = train(data, out_dir, SAEConfig(d_in=3072, n_latents=49152, k=64), TrainConfig(steps=...))
+
+Sharding. The batch is split over ("data", "fsdp"), the latents over "tensor": W_enc P(None, 'tensor'),
+b_enc / threshold / dead counters P('tensor'), W_dec P('tensor', None), b_dec P(); Adam moments are
+sharded like their parameters. The loss runs inside `jax.shard_map` (`sae.train_loss` with the exact
+two-stage TopK), so the [B, n] latents never leave their shard; gradients, the optimiser step and the
+decoder renormalisation (row-wise) run under GSPMD on the same shardings.
+
+Output directory:
+
+    OUT/train.json       SAE config (with the input scale estimated from data), train config, data path
+    OUT/checkpoints/     orbax CheckpointManager: params, optimiser state, step, dead counters, and
+                         the data-stream position (JSON) of every saved step
+    OUT/metrics.jsonl    one JSON object per logged step (loss, fvu, mse, l0, dead_fraction, aux_loss, lr, ...)
+    OUT/sae/             the final SAE (`jaxdit.train.interop.save_sae`), written when training ends
+
+Resume (`resume=True`) restores the newest checkpoint and continues as if never interrupted: the state
+is complete and the data stream is a function of its position, so on CPU the final parameters are
+bitwise those of an uninterrupted run. `RunOptions` (mesh included) may change between the two; the
+checkpoint is restored straight onto the new shardings.
+
+NaN / inf. The step records the first step whose batch was not finite (a device-side flag, no host sync);
+the host reads it at every log and before every checkpoint and stops with the step, the stream position
+and the chunk and row it came from, so no checkpoint ever holds a poisoned state.
+
+Multi-host: call `jax.distributed.initialize()` first. Every process reads its own share of the data
+(`BatchStream` with jax.process_index / process_count, batch_size / process_count rows per step); the
+global batch is assembled with `jax.make_array_from_process_local_data`. Checkpoints are written by
+orbax from all processes; metrics, the progress bar and the final SAE by process 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxdit.sharding import make_mesh
+from jaxdit.train import sae
+from jaxdit.train.interop import save_sae
+from jaxdit.train.store import BatchStream, Source, StoreError, open_source
+
+BATCH_AXES = ("data", "fsdp")
+LATENT_AXIS = "tensor"
+DECAYS = ("linear", "cosine", "constant")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf in the training data or the loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained parameters (a resumed run must match it exactly)."""
+
+    steps: int
+    batch_size: int = 4096  # global tokens per step
+    lr: float | None = None  # None: 2e-4 / sqrt(n / 2^14) (sparsify, dictionary_learning)
+    warmup_steps: int = 1000
+    decay: str = "linear"  # shape of the final decay to min_lr_ratio * lr
+    decay_start: float = 0.8  # fraction of `steps` where the decay begins
+    min_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 6.25e-10  # OpenAI's; inputs have unit mean squared norm, so gradients are small
+    clip_norm: float | None = 1.0
+    loss: sae.LossConfig = sae.LossConfig()
+    seed: int = 0  # parameter init and data order
+    b_dec_init: str = "geometric_median"
+    init_rows: int = 16384  # rows (from the start of the stream) for the input scale and b_dec
+    normalize_inputs: bool = True  # scale inputs to mean squared norm ~ target_sq_norm
+    target_sq_norm: float = 1.0
+    shuffle_window: int = 4  # store chunks shuffled together (see BatchStream)
+    threshold_ema: float = 0.01  # batchtopk: rate of the inference-threshold running average
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay {self.decay!r}: expected one of {list(DECAYS)}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"b_dec_init {self.b_dec_init!r}: expected one of {list(B_DEC_INITS)}")
+        if not 0 <= self.decay_start <= 1:
+            raise ValueError(f"decay_start must be a fraction in [0, 1], got {self.decay_start}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def base_lr(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run executes; free to change between a run and its resumption."""
+
+    mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1: the remaining devices
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+# --- schedule, optimiser, shardings ---------------------------------------------------------------------
+
+def lr_schedule(tc: TrainConfig, base_lr: float) -> optax.Schedule:
+    """Linear warm-up (the first update already at lr / warmup), constant, then the final decay."""
+    start = int(tc.decay_start * tc.steps)
+    span = max(tc.steps - start, 1)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (t + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
+        frac = jnp.clip((t - start) / span, 0.0, 1.0)
+        if tc.decay == "linear":
+            decay = 1 - (1 - tc.min_lr_ratio) * frac
+        elif tc.decay == "cosine":
+            decay = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        else:
+            decay = 1.0
+        return base_lr * warm * decay
+
+    return schedule
+
+
+def make_optimizer(tc: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    adam = optax.adam(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps)
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adam) if tc.clip_norm else adam
+
+
+def param_specs(cfg: sae.SAEConfig) -> dict[str, P]:
+    specs = {"W_enc": P(None, LATENT_AXIS), "b_enc": P(LATENT_AXIS), "W_dec": P(LATENT_AXIS, None), "b_dec": P()}
+    if "threshold" in sae.param_shapes(cfg):
+        specs["threshold"] = P(LATENT_AXIS)
+    return specs
+
+
+def mesh_for(sizes: tuple[int, int, int]) -> Mesh:
+    """The mesh of `RunOptions.mesh`: fully given sizes may use fewer devices than there are (the first ones)."""
+    count = int(np.prod(sizes))
+    return make_mesh(*sizes, devices=None if -1 in sizes else jax.devices()[:count])
+
+
+def check_mesh(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tc.batch_size % (shards * jax.process_count()):
+        raise ValueError(f"batch size {tc.batch_size} is not divisible by data*fsdp = {shards} "
+                         f"(and the {jax.process_count()} process(es))")
+    if cfg.n_latents % mesh.shape[LATENT_AXIS]:
+        raise ValueError(f"n_latents {cfg.n_latents} is not divisible by the tensor axis ({mesh.shape[LATENT_AXIS]})")
+
+
+# --- the train step -------------------------------------------------------------------------------------
+
+def init_state(cfg: sae.SAEConfig, tc: TrainConfig, optimizer, b_dec: jax.Array | None) -> dict[str, Any]:
+    """The whole training state: parameters, optimiser state, dead counters, step, first bad step."""
+    params = sae.init_params(cfg, jax.random.key(tc.seed), b_dec)
+    return {"params": params, "opt": optimizer.init(params),
+            "since_fired": jnp.zeros((cfg.n_latents,), jnp.int32),
+            "step": jnp.zeros((), jnp.int32),
+            "bad_step": jnp.full((), -1, jnp.int32)}  # first step whose batch held NaN/inf, -1 if none
+
+
+def state_shardings(cfg: sae.SAEConfig, optimizer, mesh: Mesh, abstract_state) -> dict[str, Any]:
+    named = {k: NamedSharding(mesh, s) for k, s in param_specs(cfg).items()}
+    replicated = NamedSharding(mesh, P())
+    opt = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt"], named,
+                                           transform_non_params=lambda _: replicated)
+    return {"params": named, "opt": opt, "since_fired": NamedSharding(mesh, P(LATENT_AXIS)),
+            "step": replicated, "bad_step": replicated}
+
+
+def make_train_step(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh, optimizer, schedule, shardings):
+    """jit(step)(state, x [B, d]) -> (state, metrics); `state` is donated."""
+    axes = sae.Axes(LATENT_AXIS, BATCH_AXES)
+    specs = param_specs(cfg)
+    batch = tc.batch_size
+    _, aux_shapes = jax.eval_shape(  # which metrics this architecture and loss report
+        lambda x, s: sae.train_loss(sae.init_params(cfg, jax.random.key(0)), cfg, tc.loss, x, s, sae.Axes(), batch),
+        jax.ShapeDtypeStruct((batch, cfg.d_in), jnp.float32), jax.ShapeDtypeStruct((cfg.n_latents,), jnp.int32))
+    aux_specs = {k: P(LATENT_AXIS) if k == "fired" else P() for k in aux_shapes}
+    loss = jax.shard_map(
+        lambda p, x, s: sae.train_loss(p, cfg, tc.loss, x, s, axes, batch), mesh=mesh,
+        in_specs=(specs, P(BATCH_AXES, None), P(LATENT_AXIS)), out_specs=(P(), aux_specs))
+
+    def step(state, x):
+        params = state["params"]
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, x, state["since_fired"])
+        grads = sae.project_decoder_grad(grads, params)
+        updates, opt = optimizer.update(grads, state["opt"], params)
+        params = sae.normalize_decoder(optax.apply_updates(params, updates))
+        if cfg.arch == "batchtopk":  # inference threshold: running average of the batch thresholds
+            old = params["threshold"]
+            new = jnp.where(state["step"] == 0, aux["batch_threshold"],
+                            (1 - tc.threshold_ema) * old + tc.threshold_ema * aux["batch_threshold"])
+            params = {**params, "threshold": jnp.broadcast_to(new, old.shape)}
+        count = state["step"] + 1
+        finite = jnp.all(jnp.isfinite(x))
+        new_state = {"params": params, "opt": opt,
+                     "since_fired": sae.update_since_fired(state["since_fired"], aux.pop("fired"), batch),
+                     "step": count,
+                     "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, count, state["bad_step"])}
+        return new_state, {"loss": value, "lr": schedule(state["step"]), **aux}
+
+    return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, P(BATCH_AXES, None))),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+# --- data-dependent initialisation ----------------------------------------------------------------------
+
+def _global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows -> the global batch array sharded over the batch axes."""
+    sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+    shape = (local.shape[0] * jax.process_count(), local.shape[1])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def estimate_init(source: Source, cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh) -> tuple[float, np.ndarray | None]:
+    """(input scale, b_dec in scaled units or None) from the first `init_rows` rows of the stream."""
+    per_process = max(tc.init_rows // jax.process_count(), 1)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_process += -per_process % shards  # the sample is sharded like a batch
+    stream = BatchStream(source, per_process, seed=tc.seed, window=tc.shuffle_window,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    sample = _global_batch(stream.next(), mesh)
+    if not bool(jax.jit(lambda x: jnp.all(jnp.isfinite(x)))(sample)):
+        raise NonFiniteError(f"non-finite activations (NaN or inf) in the first {per_process} rows of the data, "
+                             f"used to initialise the SAE: {stream.describe_nonfinite(0, per_process)}")
+    scale = 1.0
+    if tc.normalize_inputs:
+        mean_sq = float(jax.jit(lambda x: jnp.mean(jnp.sum(x * x, axis=-1)))(sample))
+        scale = sae.input_scale_for(mean_sq, tc.target_sq_norm)
+    if tc.b_dec_init == "zeros":
+        return scale, None
+    scaled = sample * scale
+    center = sae.geometric_median(scaled) if tc.b_dec_init == "geometric_median" else jnp.mean(scaled, axis=0)
+    return scale, np.asarray(multihost_utils.process_allgather(center, tiled=True))
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this host (works when it spans processes)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def _checkpoint_manager(out: Path, opts: RunOptions) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        out.absolute() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=opts.keep_checkpoints, cleanup_tmp_directories=True,
+                                             create=True))
+
+
+RECORD = "train.json"
+
+
+def _start_record(out: Path, cfg: sae.SAEConfig, tc: TrainConfig, data) -> None:
+    """Write OUT/train.json for a fresh run (refusing to overwrite an existing run)."""
+    if (out / RECORD).exists() or (out / "checkpoints").exists():
+        raise FileExistsError(f"{out} already holds a training run (pass resume / --resume to continue it)")
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"format": "jaxdit-sae-training", "version": 1, "sae": cfg.to_json(), "train": tc.to_json(),
+                  "data": str(data)}
+        tmp = out / f".{RECORD}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out / RECORD)
+
+
+def _resumed_config(out: Path, cfg: sae.SAEConfig, tc: TrainConfig) -> sae.SAEConfig:
+    """The stored SAE config (with its input scale), after checking the run's settings are unchanged."""
+    path = out / RECORD
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    record = json.loads(path.read_text())
+    given_sae = {k: v for k, v in cfg.to_json().items() if k != "input_scale"}
+    pairs = (("train.", record["train"], tc.to_json()), ("sae.", record["sae"], given_sae))
+    problems = [f"{prefix}{k}: checkpoint {stored.get(k)!r}, given {v!r}"
+                for prefix, stored, given in pairs for k, v in given.items() if stored.get(k) != v]
+    if problems:
+        raise ValueError(f"cannot resume {out} with different settings: {'; '.join(problems)}")
+    return sae.SAEConfig.from_json(record["sae"])
+
+
+def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, tc: TrainConfig,
+          opts: RunOptions = RunOptions(), *, resume: bool = False,
+          callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[sae.SAEConfig, sae.Params]:
+    """Train an SAE on `data` (activation store or .npy), writing into `out`; returns (config, params).
+
+    `cfg.input_scale` is replaced by the estimate from data (if tc.normalize_inputs). `callback(metrics)`
+    runs on process 0 after every logged step. With `resume`, `out` must hold a run started with the
+    same configs; it continues from its newest checkpoint (on any mesh; bitwise on the same one).
+    """
+    out = Path(out)
+    source = open_source(data)
+    if source.d != cfg.d_in:
+        raise StoreError(f"training data {data} has d={source.d}, but the SAE expects d_in={cfg.d_in}")
+    mesh = mesh_for(opts.mesh)
+    check_mesh(cfg, tc, mesh)
+    b_dec = None
+    if resume:
+        cfg = _resumed_config(out, cfg, tc)
+    else:
+        scale, b_dec = estimate_init(source, cfg, tc, mesh)
+        cfg = cfg.replace(input_scale=scale)
+        _start_record(out, cfg, tc, data)
+
+    schedule = lr_schedule(tc, tc.base_lr(cfg.n_latents))
+    optimizer = make_optimizer(tc, schedule)
+    abstract = jax.eval_shape(lambda: init_state(cfg, tc, optimizer, None))
+    shardings = state_shardings(cfg, optimizer, mesh, abstract)
+    step_fn = make_train_step(cfg, tc, mesh, optimizer, schedule, shardings)
+    local_batch = tc.batch_size // jax.process_count()
+    lead = jax.process_index() == 0
+    manager = _checkpoint_manager(out, opts)
+    try:
+        latest = manager.latest_step() if resume else None
+        if latest is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            restored = manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            state, position = restored.state, int(restored.meta["position"])
+        else:
+            if b_dec is None and tc.b_dec_init != "zeros":  # resumed before the first checkpoint: start over
+                b_dec = estimate_init(source, cfg, tc, mesh)[1]
+            state = jax.jit(lambda b: init_state(cfg, tc, optimizer, b), out_shardings=shardings)(b_dec)
+            position = 0
+        start = int(_host(state["step"]))
+        stream = BatchStream(source, local_batch, seed=tc.seed, window=tc.shuffle_window, position=position,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+        metrics_path = out / "metrics.jsonl"
+        if lead:
+            _truncate_metrics(metrics_path, start)
+
+        def check_finite() -> None:
+            """Raise if any step so far had a non-finite batch (before anything of it is saved)."""
+            bad = int(_host(state["bad_step"]))
+            if bad >= 0:
+                first = (bad - 1) * local_batch  # step s consumed rows [(s - 1) B, s B) of the stream
+                raise NonFiniteError(
+                    f"non-finite activations (NaN or inf) in the training batch of step {bad} "
+                    f"(data position {first}..{first + local_batch} of process {jax.process_index()}): "
+                    f"{stream.describe_nonfinite(first, local_batch)}")
+
+        bar = tqdm(total=tc.steps, initial=start, disable=not (lead and opts.progress), desc="sae train", unit="step")
+        t0 = t_last = time.perf_counter()
+        s_last = start
+        for s in range(start + 1, tc.steps + 1):
+            state, metrics = step_fn(state, _global_batch(stream.next(), mesh))
+            bar.update(1)
+            if s % opts.log_every == 0 or s == tc.steps:
+                check_finite()
+                row = {k: float(_host(v)) for k, v in metrics.items()}
+                if not math.isfinite(row["loss"]):
+                    raise NonFiniteError(f"the loss became non-finite at step {s} (inputs were finite): {row}")
+                now = time.perf_counter()
+                row = {"step": s, "tokens": s * tc.batch_size, **row,
+                       "tokens_per_s": (s - s_last) * tc.batch_size / max(now - t_last, 1e-9), "elapsed_s": now - t0}
+                t_last, s_last = now, s
+                if lead:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
+                    if callback is not None:
+                        callback(row)
+            if s % opts.checkpoint_every == 0 or s == tc.steps:
+                check_finite()
+                meta = ocp.args.JsonSave({"position": stream.position, "step": s})
+                manager.save(s, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=meta))
+        bar.close()
+    finally:  # a pending asynchronous save completes even when the run stops with an error
+        manager.wait_until_finished()
+        manager.close()
+    params = multihost_utils.process_allgather(state["params"], tiled=True)
+    params = {k: np.asarray(v) for k, v in params.items()}
+    if lead:
+        save_sae(out / "sae", cfg, params, overwrite=True,
+                 training={"steps": tc.steps, "tokens": tc.steps * tc.batch_size, "data": str(data)})
+    return cfg, params
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the step a run resumes from (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(l + "\n" for l in lines))
+    os.replace(tmp, path)
