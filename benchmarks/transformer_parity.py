@@ -3,8 +3,9 @@
     python benchmarks/transformer_parity.py --preset flux-dev --height 1024 --width 1024 --out flux_dev.json
     python benchmarks/transformer_parity.py --preset sd3.5-large --batch 2 --text-tokens 333 --out sd35.json
 
-1. Builds the diffusers transformer (FluxTransformer2DModel / SD3Transformer2DModel) from the preset with seeded random weights and saves it as a
-   diffusers folder in bfloat16 (bf16 values are exact in float32, so both precisions see the same weights).
+1. Builds the diffusers transformer (FluxTransformer2DModel / SD3Transformer2DModel) from the preset
+   with seeded random weights and saves it as a diffusers folder in bfloat16 (bf16 values are exact
+   in float32, so both precisions see the same weights).
 2. PyTorch: float32 forward (TF32 off) -> the reference; bfloat16 forward -> diffusers' own bf16 error.
    Median step time of each over --repeats runs after a warm-up.
 3. jaxdit: loads the folder with its converter, float32 forward at matmul precision "highest" and a
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
                 ref = out
             else:
                 result["torch_bf16_vs_fp32_rel"] = rel(out, ref)
-        del model, x
+        model = x = None  # free the torch weights before jaxdit loads its own
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             result[f"jax_{name}_peak_gb"] = stats["peak_bytes_in_use"] / 2**30
-        del p_dt
+        p_dt = None
         gc.collect()
 
     rows = [("output rel err vs torch fp32, jaxdit fp32", result["jax_float32_vs_torch_fp32_rel"]),

@@ -43,7 +43,7 @@ def _parity(args) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(report.table())
-        print(f"timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items()))
+        print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items()))
         if args.json:
             write_json(report, args.json)
     if args.max_rel is not None and report.output.rel > args.max_rel:

@@ -124,7 +124,6 @@ def _to_bfl(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
         mod, leaf = k.rsplit(".", 1)
         if mod in renames:
             out[f"{renames[mod]}.{leaf}"] = v
-    d = cfg.inner_dim
     for i in range(cfg.num_layers):
         p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for leaf in ("weight", "bias"):

@@ -1,7 +1,5 @@
 """`jaxdit sae ...`: bad input prints one line and exits 2; train / export / import end to end."""
 
-import argparse
-import sys
 
 import numpy as np
 import pytest
