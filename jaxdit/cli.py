@@ -5,6 +5,8 @@
     jaxdit generate --model DIR --prompt TEXT --out PNG [--seed --steps --size --guidance --dtype]
     jaxdit edit --model DIR --image IN --prompt TEXT --out PNG [...]
     jaxdit uvr anchors --model DIR --concept NAME --prompts FILE --out BANK
+    jaxdit safety eval --model DIR --prompts CSV --method none|uvr [--uvr BANK] --out RUN
+    jaxdit safety compare BASE_RUN METHOD_RUN
     jaxdit sae harvest|train|export|import ...
     (generate / edit take --uvr BANK to restrict that concept)
 
@@ -109,6 +111,7 @@ def _generate(args, editing: bool = False) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jaxdit.configs import PRESETS
+    from jaxdit.safety import cli as safety_cli
     from jaxdit.safety.uvr import cli as uvr_cli
     from jaxdit.train import cli as sae_cli
 
@@ -166,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         uvr_cli.add_generation_options(g)
         g.set_defaults(fn=lambda a, e=editing: _generate(a, e))
     uvr_cli.register(sub)
+    safety_cli.register(sub)
     sae_cli.register(sub)
     return p
 

@@ -1,0 +1,56 @@
+"""`jaxdit safety eval` and `jaxdit safety compare`."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    s = sub.add_parser("safety", help="evaluate safety methods on prompt sets")
+    ssub = s.add_subparsers(dest="safety_command", required=True)
+    e = ssub.add_parser("eval", help="generate an I2P-style prompt CSV and score every image with NudeNet")
+    e.add_argument("--model", required=True, help="pipeline folder (FLUX or SD3)")
+    e.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (evaluation_seed, ... optional)")
+    e.add_argument("--method", choices=["none", "uvr"], default="none")
+    e.add_argument("--uvr", metavar="BANK", help="anchor bank for --method uvr")
+    e.add_argument("--uvr-threshold", type=float)
+    e.add_argument("--out", required=True, help="run directory to create")
+    e.add_argument("--steps", type=int, default=28)
+    e.add_argument("--size", type=int, default=1024)
+    e.add_argument("--seed", type=int, default=0, help="seed for rows without evaluation_seed")
+    e.add_argument("--csv-guidance", action="store_true", help="use each row's evaluation_guidance")
+    e.add_argument("--threshold", type=float, default=0.6, help="NudeNet score threshold (rule: > threshold)")
+    e.add_argument("--limit", type=int, help="first N prompts only")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=_eval)
+    c = ssub.add_parser("compare", help="erase rates of a method run against a base run")
+    c.add_argument("base")
+    c.add_argument("method")
+    c.set_defaults(fn=_compare)
+
+
+def _eval(args) -> int:
+    from jaxdit.pipeline import load_pipeline
+    from jaxdit.safety.harness import evaluate, read_prompts_csv
+    from jaxdit.safety.nudity import NudityDetector, NudityRule
+    from jaxdit.safety.uvr.cli import controller_from_args
+
+    if args.method == "uvr" and not args.uvr:
+        raise ValueError("--method uvr needs --uvr BANK")
+    rows = read_prompts_csv(args.prompts)[: args.limit]
+    pipe = load_pipeline(args.model, dtype=args.dtype)
+    detector = NudityDetector(NudityRule(threshold=args.threshold))
+    controller = controller_from_args(args, editing=False) if args.method == "uvr" else None
+    summary = evaluate(pipe, rows, detector, args.out, method=args.method, controller=controller, steps=args.steps,
+                       size=args.size, default_seed=args.seed, use_csv_guidance=args.csv_guidance,
+                       overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _compare(args) -> int:
+    from jaxdit.safety.harness import erase_rates, read_results
+
+    print(json.dumps(erase_rates(read_results(args.base), read_results(args.method)), indent=2))
+    return 0
