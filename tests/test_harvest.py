@@ -153,3 +153,25 @@ def test_harvest_cli_from_a_checkpoint(tmp_path, tiny_flux):
     assert store.manifest["model"] == "ckpt"
     (tmp_path / "prompts.json").write_text(json.dumps(["a"]))
     assert run_cli(argv[:-1] + [str(tmp_path / "acts2")]) == 2
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_harvest_cli_from_a_pipeline_folder_and_prompts(tmp_path, family):
+    """`jaxdit sae harvest --model PIPELINE --prompts FILE`: prompts encoded by the folder's own encoders,
+    activations equal to a capture of the same trajectory through the pipeline's transformer."""
+    from pipeline_twins import flux_pipeline_folder, sd3_pipeline_folder
+    from test_sae_cli import run_cli
+
+    folder = tmp_path / "pipe"
+    (flux_pipeline_folder if family == "flux" else sd3_pipeline_folder)(folder, seed=41)
+    (tmp_path / "prompts.txt").write_text("a red star\n\ntwo dogs in the snow\na cat\n")
+    position = "double.0.img.resid_post" if family == "flux" else "joint.0.txt.resid_post"
+    argv = ["sae", "harvest", "--model", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--positions",
+            position, "--steps", "0", "1", "--num-steps", "2", "--height", "32", "--width", "32", "--batch-size", "2",
+            "--out", str(tmp_path / "acts")]
+    assert run_cli(argv) == 0
+    store = ActivationStore.open(tmp_path / "acts" / position)
+    assert [c["prompt_texts"] for c in store.chunks] == [["a red star", "two dogs in the snow"], ["a cat"]]
+    assert store.count > 0 and store.manifest["steps"] == [0, 1]
+    assert run_cli(argv[:2] + ["--model", str(folder), "--positions", position, "--steps", "0",
+                               "--out", str(tmp_path / "x")]) == 2

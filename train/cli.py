@@ -4,6 +4,7 @@
                      [--batch-size 4096] [--lr LR] [--mesh data,fsdp,tensor] [--resume] ...
     jaxdit sae export --format saelens|sparsify SAE_DIR OUT
     jaxdit sae import --format saelens|sparsify SRC OUT
+    jaxdit sae harvest --model PIPELINE_DIR --prompts FILE --positions POS... --steps S... --out DIR
     jaxdit sae harvest --model CKPT --conditioning EMB.safetensors --positions POS... --steps S... --out DIR
 
 Bad input raises ValueError / FileNotFoundError / FileExistsError with one line naming the problem; the
@@ -63,7 +64,54 @@ def _import(args) -> int:
     return 0
 
 
-def _harvest(args) -> int:
+def _read_prompts(path) -> list[str]:
+    """A JSON list of prompts, or a text file with one prompt per line."""
+    text = Path(path).read_text()
+    if str(path).endswith(".json"):
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{path}: expected a JSON list of prompt strings")
+        return prompts
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _pipeline_conditioning(args):
+    """(model, schedule, batches, prompts) from a pipeline folder: prompts encoded by its own encoders."""
+    import jax.numpy as jnp
+
+    from jaxdit import sampling
+    from jaxdit.pipeline import SD3Pipeline, load_pipeline
+    from jaxdit.train import harvest as hv
+
+    if not args.prompts:
+        raise ValueError("--prompts FILE is required with a pipeline folder (one prompt per line)")
+    prompts = _read_prompts(args.prompts)
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts")
+    pipe = load_pipeline(args.model)
+    name = args.model_name or Path(args.model).name
+    if isinstance(pipe, SD3Pipeline):
+        model = hv.sd3_model(pipe.transformer_params, pipe.transformer_config, name=name, height=args.height,
+                             width=args.width)
+        sigmas, timesteps = sampling.flow_match_schedule(pipe.scheduler, args.num_steps)
+        encode = lambda batch: pipe.encode_prompt(batch)  # noqa: E731
+    else:
+        model = hv.flux_model(pipe.transformer_params, pipe.transformer_config, name=name, height=args.height,
+                              width=args.width, guidance=args.guidance)
+        sigmas, timesteps = sampling.flux_schedule(pipe.scheduler, args.num_steps, model.latent_shape[0])
+        encode = lambda batch: pipe.encode_prompt(batch, pipe.default_max_sequence_length)  # noqa: E731
+
+    def batches():
+        for i in range(0, len(prompts), args.batch_size):
+            embeds, pooled = encode(prompts[i:i + args.batch_size])
+            yield {"encoder_hidden_states": jnp.asarray(embeds, jnp.float32),
+                   "pooled_projections": jnp.asarray(pooled, jnp.float32)}
+
+    return model, (sigmas, timesteps), batches(), prompts
+
+
+def _file_conditioning(args):
+    """(model, schedule, batches, prompts) from a checkpoint and precomputed prompt embeddings."""
     import jax.numpy as jnp
 
     from jaxdit import load_transformer, sampling
@@ -78,7 +126,7 @@ def _harvest(args) -> int:
     if emb["pooled_projections"].shape[0] != total:
         raise ValueError(f"{args.conditioning}: encoder_hidden_states has {total} rows but pooled_projections "
                          f"has {emb['pooled_projections'].shape[0]}")
-    prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else None
+    prompts = _read_prompts(args.prompts) if args.prompts else None
     if prompts is not None and len(prompts) != total:
         raise ValueError(f"{args.prompts}: {len(prompts)} prompts for {total} conditioning rows")
     config, params = load_transformer(args.model)
@@ -86,12 +134,26 @@ def _harvest(args) -> int:
     if config.family == "flux":
         model = hv.flux_model(params, config, name=name, height=args.height, width=args.width, guidance=args.guidance)
         scheduler = sampling.FLUX_DEV_SCHEDULER if config.guidance_embeds else sampling.FLUX_SCHNELL_SCHEDULER
-        sigmas, timesteps = sampling.flux_schedule(scheduler, args.num_steps, model.latent_shape[0])
+        schedule = sampling.flux_schedule(scheduler, args.num_steps, model.latent_shape[0])
     else:
         model = hv.sd3_model(params, config, name=name, height=args.height, width=args.width)
-        sigmas, timesteps = sampling.flow_match_schedule(sampling.SD3_SCHEDULER, args.num_steps)
+        schedule = sampling.flow_match_schedule(sampling.SD3_SCHEDULER, args.num_steps)
     batches = ({k: jnp.asarray(v[i:i + args.batch_size]) for k, v in emb.items()
                 if k in ("encoder_hidden_states", "pooled_projections")} for i in range(0, total, args.batch_size))
+    return model, schedule, batches, prompts
+
+
+def _harvest(args) -> int:
+    from jaxdit.train import harvest as hv
+
+    if (Path(args.model) / "model_index.json").is_file():
+        if args.conditioning:
+            raise ValueError("--conditioning is for checkpoints; a pipeline folder encodes --prompts itself")
+        model, (sigmas, timesteps), batches, prompts = _pipeline_conditioning(args)
+    else:
+        if not args.conditioning:
+            raise ValueError(f"{args.model}: not a pipeline folder, so --conditioning EMB.safetensors is required")
+        model, (sigmas, timesteps), batches, prompts = _file_conditioning(args)
     stores = hv.harvest(model, batches, args.positions, args.steps, sigmas=sigmas, timesteps=timesteps, out=args.out,
                         seed=args.seed, dtype=args.dtype, prompts=prompts)
     for position, store in stores.items():
@@ -159,11 +221,13 @@ def register(subparsers) -> None:
     i.set_defaults(fn=_import)
 
     h = sub.add_parser("harvest", help="capture activations along denoising trajectories into activation stores",
-                       description="CONDITIONING is a safetensors file with encoder_hidden_states [P, L, D] and "
-                                   "pooled_projections [P, Dp] (text-encoder outputs for P prompts).")
-    h.add_argument("--model", required=True, help="jaxdit checkpoint, diffusers folder or original single file")
-    h.add_argument("--conditioning", required=True)
-    h.add_argument("--prompts", help="JSON list of the P prompt texts (recorded in the stores)")
+                       description="MODEL is a pipeline folder (model_index.json: --prompts are encoded by its own "
+                                   "text encoders) or a transformer checkpoint with --conditioning, a safetensors "
+                                   "file with encoder_hidden_states [P, L, D] and pooled_projections [P, Dp].")
+    h.add_argument("--model", required=True,
+                   help="pipeline folder, or jaxdit checkpoint / diffusers transformer folder / original file")
+    h.add_argument("--conditioning", help="prompt embeddings for a bare transformer checkpoint")
+    h.add_argument("--prompts", help="prompts: one per line, or a JSON list (recorded in the stores)")
     h.add_argument("--positions", nargs="+", required=True, help="hook positions, e.g. single.10.img.resid_post")
     h.add_argument("--steps", nargs="+", type=int, required=True, help="sampling step indices to capture")
     h.add_argument("--num-steps", type=int, default=28, help="steps of the schedule")
