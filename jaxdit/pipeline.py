@@ -33,6 +33,7 @@ class Geometry:
     layout: hk.TokenLayout
     grid: tuple[int, int]  # generated patches (rows, cols)
     ctx_grid: tuple[int, int] | None = None  # context patches (Kontext)
+    stacks: tuple[str, ...] = ("double", "single")  # the model's block stacks (SD3: ("joint",))
 
 PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height): what Kontext was trained on
     (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
@@ -404,7 +405,7 @@ class SD3Pipeline:
                  num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int = 0,
                  negative_prompt: str | Sequence[str] | None = None, latents: jax.Array | None = None,
                  max_sequence_length: int = 256, num_images_per_prompt: int = 1, clip_skip: int | None = None,
-                 hooks: HooksArg = None, output_type: str = "pil", progress: bool = True):
+                 hooks: HooksArg = None, output_type: str = "pil", progress: bool = True, controller=None):
         prompts = _prompts(prompt, num_images_per_prompt)
         shape = self._latent_shape(len(prompts), height, width)
         if latents is None:
@@ -433,10 +434,15 @@ class SD3Pipeline:
 
             self._bar = tqdm(total=num_inference_steps, desc="denoising", unit="step", leave=False)
         try:
+            p = self.transformer_config.patch_size
+            grid = (shape[2] // p, shape[3] // p)
+            geometry = Geometry(hk.TokenLayout(embeds.shape[1], grid[0] * grid[1], text_first=False), grid,
+                                stacks=("joint",))
             out = _sd3_sample(self.transformer_params, jnp.asarray(latents).astype(dt), embeds.astype(dt),
                               pooled.astype(dt), jnp.float32(guidance_scale), sigmas, timesteps,
-                              None if callable(hooks) else hooks, config=self.transformer_config, cfg_on=cfg_on,
-                              hooks_fn=hooks if callable(hooks) else None, on_step=self._tick if progress else None)
+                              None if callable(hooks) else hooks, controller, config=self.transformer_config,
+                              cfg_on=cfg_on, hooks_fn=hooks if callable(hooks) else None,
+                              on_step=self._tick if progress else None, geometry=geometry)
             out = jax.block_until_ready(out)
             jax.effects_barrier()
         finally:
@@ -450,22 +456,34 @@ class SD3Pipeline:
         return _postprocess(images, output_type)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cfg_on", "hooks_fn", "on_step"))
-def _sd3_sample(params, latents, embeds, pooled, guidance_scale, sigmas, timesteps, hooks, *, config, cfg_on,
-                hooks_fn, on_step):
-    """The SD3 denoising loop as one program; with CFG the batch is [negative; positive]."""
+@functools.partial(jax.jit, static_argnames=("config", "cfg_on", "hooks_fn", "on_step", "geometry"))
+def _sd3_sample(params, latents, embeds, pooled, guidance_scale, sigmas, timesteps, hooks, controller, *, config,
+                cfg_on, hooks_fn, on_step, geometry):
+    """The SD3 denoising loop as one program; with CFG the batch is [negative; positive] (a controller
+    sees and steers both halves)."""
     from jaxdit import sd3
 
-    def denoise(x, t, i):
+    user = lambda i: _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)  # noqa: E731
+
+    def velocity(x, t, step_hooks):
         x_in = jnp.concatenate([x, x]) if cfg_on else x
-        v, _ = sd3.forward(params, config, x_in, embeds, pooled, jnp.full((x_in.shape[0],), t),
-                           _hooks_at(hooks_fn if hooks_fn is not None else hooks, i))
+        v, caps = sd3.forward(params, config, x_in, embeds, pooled, jnp.full((x_in.shape[0],), t), step_hooks)
         if cfg_on:
             uncond, cond = jnp.split(v, 2)
             v = sampling.cfg_combine(uncond, cond, guidance_scale)
-        return v
+        return v, caps
 
-    return sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step)
+    if controller is None:
+        return sampling.euler_sample(lambda x, t, i: velocity(x, t, user(i))[0], latents, sigmas, timesteps, on_step)
+
+    def denoise(x, t, i, state):
+        v, caps = velocity(x, t, hk.merge(user(i), controller.hooks(state, i, t, geometry)).replace(step=i))
+        return v, controller.update(state, caps, i, t, geometry)
+
+    batch = latents.shape[0] * (2 if cfg_on else 1)
+    out, _ = sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step,
+                                   state=controller.init(batch, geometry))
+    return out
 
 
 PIPELINES = {"FluxPipeline": FluxPipeline, "FluxKontextPipeline": FluxKontextPipeline,

@@ -132,3 +132,20 @@ def test_controller_in_the_sampling_loop(tiny_pipes, mode):
         assert np.abs(never - plain).max() > 0
     assert np.abs(always - plain).max() > 1e-2 and np.abs(always - never).max() > 1e-2
     np.testing.assert_array_equal(np.asarray(run(_controller(mode, threshold=-1e9))), always)  # deterministic
+
+
+def test_controller_in_sd3_sampling(tmp_path):
+    """The same controller on SD3.5 (stack "joint", image-first tokens, CFG batch)."""
+    from jaxdit.pipeline import SD3Pipeline
+    from pipeline_twins import sd3_pipeline_folder
+
+    sd3_pipeline_folder(tmp_path / "sd3", seed=13, with_t5=False)
+    pipe = SD3Pipeline.from_pretrained(tmp_path / "sd3")
+    kw = dict(height=32, width=32, num_inference_steps=3, max_sequence_length=6, output_type="latent",
+              progress=False, seed=2)
+    regulate = RegulateConfig(localize_at="joint.0.img.attn_heads", window_t=0.0)
+    make = lambda thr: UVRController(jnp.ones((2, 3, 16)), jax.random.key(0), "t2i",  # noqa: E731
+                                     loc.LocalizeConfig(threshold=thr, min_area=1, mass_ratio=1.0), regulate)
+    plain = np.asarray(pipe("a red star", **kw))
+    np.testing.assert_allclose(np.asarray(pipe("a red star", controller=make(1e9), **kw)), plain, atol=1e-5)
+    assert np.abs(np.asarray(pipe("a red star", controller=make(-1e9), **kw)) - plain).max() > 1e-2

@@ -109,7 +109,7 @@ class UVRController:
         active = t >= self.regulate.window_t
         b = state["core"].shape[0]
         if self.mode == "t2i":
-            edits = noise_replacement(state["core"].reshape(b, -1), self.regulate, active)
+            edits = noise_replacement(state["core"].reshape(b, -1), self.regulate, active, geometry.stacks)
             return hk.Hooks(capture=(self.regulate.localize_at,), edits=edits, rng=self.rng)
         ch, cw = geometry.ctx_grid
         core = loc.resize_mask(state["core"], ch, cw).reshape(b, -1)
