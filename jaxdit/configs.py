@@ -14,8 +14,23 @@ from typing import Any
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _TransformerConfig:
+    """What every transformer config derives from its fields."""
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(_TransformerConfig):
     """FLUX.1 transformer (diffusers `FluxTransformer2DModel` fields, same names and meaning)."""
 
     in_channels: int = 64
@@ -48,17 +63,6 @@ class FluxConfig:
             raise ValueError(f"FluxConfig.axes_dims_rope={self.axes_dims_rope}: every axis must be even")
         if self.patch_size != 1:
             raise ValueError("FluxConfig.patch_size: FLUX.1 packs 2x2 patches outside the model; only 1 is valid")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
-
-    def replace(self, **changes) -> "FluxConfig":
-        return dataclasses.replace(self, **changes)
 
     def to_diffusers(self) -> dict[str, Any]:
         """The `config.json` fields diffusers' `FluxTransformer2DModel` takes."""
@@ -96,7 +100,7 @@ class FluxConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Config:
+class SD3Config(_TransformerConfig):
     """SD3 / SD3.5 MMDiT (diffusers `SD3Transformer2DModel` fields, same names and meaning).
 
     `sample_size` only seeds diffusers' position table, which checkpoints carry; it is kept so the
@@ -138,17 +142,6 @@ class SD3Config:
         if any(not 0 <= i < self.num_layers for i in dual):
             fail(f"dual_attention_layers={self.dual_attention_layers}: layers must lie in [0, {self.num_layers})")
         object.__setattr__(self, "dual_attention_layers", dual)
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
-
-    def replace(self, **changes) -> "SD3Config":
-        return dataclasses.replace(self, **changes)
 
     def to_diffusers(self) -> dict[str, Any]:
         """The `config.json` fields diffusers' `SD3Transformer2DModel` takes."""

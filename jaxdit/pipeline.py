@@ -73,6 +73,20 @@ def _read_model_index(root: Path) -> dict:
         raise CheckpointError(f"{index}: not valid JSON ({e})") from None
 
 
+def _load_components(path, family: str, dtype, mesh):
+    """(root, component folders, transformer config, transformer params) of a pipeline folder."""
+    from jaxdit import load_transformer
+
+    root = Path(path)
+    _read_model_index(root)
+    parts = {n: _component(root, n) for n in ("transformer", "text_encoder", "text_encoder_2", "tokenizer",
+                                              "tokenizer_2", "vae")}
+    tcfg, tparams = load_transformer(parts["transformer"], mesh=mesh, dtype=dtype)
+    if tcfg.family != family:
+        raise CheckpointError(f"{parts['transformer']}: a {tcfg.family} transformer, not {family}")
+    return root, parts, tcfg, tparams
+
+
 def _scheduler(root: Path, default: sampling.SchedulerConfig) -> sampling.SchedulerConfig:
     f = root / "scheduler" / "scheduler_config.json"
     if not f.is_file():
@@ -127,15 +141,7 @@ class FluxPipeline:
         dtype: compute dtype and parameter dtype of all components ("bfloat16" on accelerators).
         mesh: shard the transformer and T5 on this mesh.
         """
-        from jaxdit import load_transformer
-
-        root = Path(path)
-        _read_model_index(root)
-        parts = {n: _component(root, n) for n in ("transformer", "text_encoder", "text_encoder_2", "tokenizer",
-                                                  "tokenizer_2", "vae")}
-        tcfg, tparams = load_transformer(parts["transformer"], mesh=mesh, dtype=dtype)
-        if tcfg.family != "flux":
-            raise CheckpointError(f"{parts['transformer']}: a {tcfg.family} transformer, not FLUX")
+        root, parts, tcfg, tparams = _load_components(path, "flux", dtype, mesh)
         ccfg, cparams = text.load_text_encoder(parts["text_encoder"], dtype=dtype)
         t5cfg, t5params = text.load_text_encoder(parts["text_encoder_2"], dtype=dtype, mesh=mesh)
         vcfg, vparams = vae.load_vae(parts["vae"], dtype=dtype)
@@ -349,15 +355,7 @@ class SD3Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, dtype: str | None = None, mesh=None):
-        from jaxdit import load_transformer
-
-        root = Path(path)
-        _read_model_index(root)
-        parts = {n: _component(root, n) for n in ("transformer", "text_encoder", "text_encoder_2", "tokenizer",
-                                                  "tokenizer_2", "vae")}
-        tcfg, tparams = load_transformer(parts["transformer"], mesh=mesh, dtype=dtype)
-        if tcfg.family != "sd3":
-            raise CheckpointError(f"{parts['transformer']}: a {tcfg.family} transformer, not SD3")
+        root, parts, tcfg, tparams = _load_components(path, "sd3", dtype, mesh)
 
         def encoder(folder, tok_folder, on_mesh=False):
             cfg, params = text.load_text_encoder(folder, dtype=dtype, mesh=mesh if on_mesh else None)
