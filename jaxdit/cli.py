@@ -7,6 +7,7 @@
     jaxdit uvr anchors --model DIR --concept NAME --prompts FILE --out BANK
     jaxdit safety eval --model DIR --prompts CSV --method none|uvr [--uvr BANK] --out RUN
     jaxdit safety compare BASE_RUN METHOD_RUN
+    jaxdit safedig route|train|adapt|generate ...
     jaxdit sae harvest|train|export|import ...
     (generate / edit take --uvr BANK to restrict that concept)
 
@@ -112,6 +113,7 @@ def _generate(args, editing: bool = False) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from jaxdit.configs import PRESETS
     from jaxdit.safety import cli as safety_cli
+    from jaxdit.safety.safedig import cli as safedig_cli
     from jaxdit.safety.uvr import cli as uvr_cli
     from jaxdit.train import cli as sae_cli
 
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.set_defaults(fn=lambda a, e=editing: _generate(a, e))
     uvr_cli.register(sub)
     safety_cli.register(sub)
+    safedig_cli.register(sub)
     sae_cli.register(sub)
     return p
 

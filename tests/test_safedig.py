@@ -125,3 +125,56 @@ def test_steering_edit_in_flux_and_composition_with_uvr():
     both = hk.merge(hk.Hooks(edits=(loud,)), uvr)
     out, _ = flux.forward(params, cfg_model, **inputs, hooks=both)
     assert len(both.edits) == 3 and np.abs(np.asarray(out) - np.asarray(plain)).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_cli_route_train_adapt_generate_on_tiny_folders(tmp_path, family, capsys):
+    """End to end on a tiny pipeline folder: harvest source/target unsafe and safe prompts, route,
+    train the dictionary, adapt its decoder (encoder bitwise frozen), generate with Blend and Repel."""
+    import json
+
+    from PIL import Image
+
+    from jaxdit.cli import main
+    from jaxdit.safety.safedig.cli import load_dictionary
+    from pipeline_twins import flux_pipeline_folder, sd3_pipeline_folder
+
+    folder = tmp_path / "pipe"
+    (flux_pipeline_folder if family == "flux" else sd3_pipeline_folder)(folder, seed=51)
+    positions = (["double.0.img.resid_post", "single.1.img.resid_post"] if family == "flux"
+                 else ["joint.0.img.resid_post", "joint.1.img.resid_post"])
+    prompts = {"src_unsafe": "a red star\na red star in the snow\n", "src_safe": "a blue ring\ntwo dogs\n",
+               "tgt_unsafe": "a cat on a red chair\na red cat\n", "tgt_safe": "a blue sky\na dog\n"}
+    for name, text in prompts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        assert main(["sae", "harvest", "--model", str(folder), "--prompts", str(tmp_path / f"{name}.txt"),
+                     "--positions", *positions, "--steps", "0", "--num-steps", "2", "--height", "32", "--width",
+                     "32", "--out", str(tmp_path / name)]) == 0
+    r = lambda n: str(tmp_path / n)  # noqa: E731
+    assert main(["safedig", "route", "--source-unsafe", r("src_unsafe"), "--source-safe", r("src_safe"),
+                 "--shift-unsafe", r("tgt_unsafe"), "--shift-safe", r("tgt_safe"), "--top", "1",
+                 "--out", r("routing.json")]) == 0
+    table = json.loads((tmp_path / "routing.json").read_text())["positions"]
+    assert {row["position"] for row in table} == set(positions) and sum(row["chosen"] for row in table) == 1
+    chosen = next(row["position"] for row in table if row["chosen"])
+    assert main(["safedig", "train", "--unsafe", r("src_unsafe"), "--safe", r("src_safe"), "--position", chosen,
+                 "--k", "4", "--expansion", "2", "--steps", "20", "--batch-size", "64", "--num-harmful", "4",
+                 "--no-progress", "--out", r("dict")]) == 0
+    assert main(["safedig", "adapt", "--dictionary", r("dict"), "--target", r("tgt_unsafe"), "--steps", "20",
+                 "--out", r("adapted")]) == 0
+    _, src, _, _, _ = load_dictionary(tmp_path / "dict")
+    _, src_a, tgt_a, harmful, meta = load_dictionary(tmp_path / "adapted")
+    assert meta["adapted"] and len(harmful) > 0
+    for k in ("W_enc", "b_enc"):
+        np.testing.assert_array_equal(tgt_a[k], src[k])
+    np.testing.assert_array_equal(src_a["W_dec"], src["W_dec"])
+    assert not np.array_equal(tgt_a["W_dec"], src["W_dec"])
+    for mode in ("blend", "repel"):
+        out = tmp_path / f"{mode}.png"
+        assert main(["safedig", "generate", "--model", str(folder), "--dictionary", r("adapted"), "--mode", mode,
+                     "--prompt", "a red star", "--steps", "2", "--size", "32", "--out", str(out)]) == 0
+        with Image.open(out) as im:
+            assert im.size == (32, 32)
+    assert main(["safedig", "adapt", "--dictionary", r("src_safe"), "--target", r("tgt_unsafe"),
+                 "--out", r("x")]) == 2
+    assert "src_safe" in capsys.readouterr().err

@@ -1,0 +1,209 @@
+"""`jaxdit safedig route|train|adapt|generate`.
+
+Activations come from `jaxdit sae harvest` runs, one run directory per data group, each holding one store
+per position (`RUN/<position>/`):
+
+    jaxdit safedig route --source-unsafe A --source-safe B --shift-unsafe C --shift-safe D --out routing.json
+    jaxdit safedig train --unsafe A --safe B --position P --k 32 --expansion 8 --steps 2000 --out dict/
+    jaxdit safedig adapt --dictionary dict/ --target C --steps 500 --out adapted/
+    jaxdit safedig generate --model DIR --dictionary adapted/ --mode blend --prompt ... --out img.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _rows(run, position: str, limit: int | None = None) -> np.ndarray:
+    from jaxdit.train.store import open_source
+
+    path = Path(run) / position
+    if not path.exists():
+        raise FileNotFoundError(f"{run}: no store for position {position!r} (expected {path})")
+    src = open_source(path)
+    rows = np.concatenate([np.asarray(src.read(i), np.float32) for i in range(len(src.pieces))])
+    return rows[:limit] if limit else rows
+
+
+def _positions(run) -> list[str]:
+    return sorted(p.name for p in Path(run).iterdir() if (p / "manifest.json").is_file())
+
+
+def _route(args) -> int:
+    from jaxdit.safety.safedig.core import route
+
+    if len(args.shift_unsafe) != len(args.shift_safe):
+        raise ValueError("give as many --shift-unsafe as --shift-safe runs")
+    positions = args.positions or _positions(args.source_unsafe)
+    candidates = {p: {"source": (_rows(args.source_unsafe, p, args.limit), _rows(args.source_safe, p, args.limit)),
+                      "shifts": [(_rows(u, p, args.limit), _rows(s, p, args.limit))
+                                 for u, s in zip(args.shift_unsafe, args.shift_safe)]} for p in positions}
+    rows = route(candidates, top=args.top)
+    _write_json(args.out, {"positions": rows, "score": "max(stability, 0) * separability"})
+    for r in rows:
+        print(f"{'*' if r['chosen'] else ' '} {r['position']:<32} score {r['score']:9.4f}  stability "
+              f"{r['stability']:7.4f}  separability {r['separability']:9.4f}")
+    return 0
+
+
+def _write_json(path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_dictionary(out, cfg, params, harmful, meta, overwrite=False) -> Path:
+    """An SAE directory (jaxdit.train layout) plus `safedig.json`: harmful latents and provenance."""
+    from jaxdit.train.interop import save_sae
+
+    path = save_sae(out, cfg, params, overwrite=overwrite)
+    _write_json(path / "safedig.json", {"harmful_latents": [int(i) for i in harmful], **meta})
+    return path
+
+
+def load_dictionary(path):
+    """(config, source params, adapted params, harmful latents, metadata). An unadapted dictionary has the
+    same params twice; an adapted one keeps its source decoder in `source_decoder.safetensors`."""
+    from jaxdit.convert.safetensors_io import SafetensorsFile
+    from jaxdit.train.interop import load_sae
+
+    cfg, params = load_sae(path)
+    meta_file = Path(path) / "safedig.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path}: not a SafeDIG dictionary (no safedig.json)")
+    meta = json.loads(meta_file.read_text())
+    source = dict(params)
+    decoder_file = Path(path) / "source_decoder.safetensors"
+    if decoder_file.is_file():
+        f = SafetensorsFile(decoder_file)
+        source.update({k: np.asarray(f.get(k), np.float32) for k in ("W_dec", "b_dec")})
+    return cfg, source, params, np.asarray(meta["harmful_latents"], np.int32), meta
+
+
+def _train(args) -> int:
+    import tempfile
+
+    import jax.numpy as jnp
+
+    from jaxdit.safety.safedig.core import harmful_latents
+    from jaxdit.train import sae as sae_lib, trainer
+
+    unsafe, safe = _rows(args.unsafe, args.position), _rows(args.safe, args.position)
+    d = unsafe.shape[1]
+    cfg = sae_lib.SAEConfig(d_in=d, n_latents=d * args.expansion, k=args.k, position=args.position)
+    if args.k > cfg.n_latents:
+        raise ValueError(f"--k {args.k} exceeds the {cfg.n_latents} latents")
+    tc = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, warmup_steps=min(100, args.steps // 10),
+                             seed=args.seed, init_rows=min(16384, len(unsafe) + len(safe)))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "source.npy"
+        np.save(data, np.concatenate([unsafe, safe]))
+        cfg, params = trainer.train(data, Path(tmp) / "run", cfg, tc,
+                                    trainer.RunOptions(mesh=(-1, 1, 1), progress=not args.no_progress))
+    harmful = harmful_latents(params, cfg, jnp.asarray(unsafe), jnp.asarray(safe), args.num_harmful)
+    path = _save_dictionary(args.out, cfg, params, harmful, {"position": args.position, "source_unsafe": str(args.unsafe),
+                                                              "source_safe": str(args.safe), "adapted": False},
+                            args.overwrite)
+    print(f"wrote {path}: {cfg.n_latents} latents, {len(harmful)} harmful")
+    return 0
+
+
+def _adapt(args) -> int:
+    from jaxdit.safety.safedig.core import AdaptConfig, adapt_decoder
+    from jaxdit.train.interop import write_safetensors
+
+    cfg, _, params, harmful, meta = load_dictionary(args.dictionary)
+    target = _rows(args.target, meta["position"], args.limit)
+    adapted, losses = adapt_decoder(params, cfg, target, AdaptConfig(steps=args.steps, batch_size=args.batch_size,
+                                                                      lr=args.lr, seed=args.seed))
+    meta = {**meta, "adapted": True, "target": str(args.target), "adapt_losses": [losses[0], losses[-1]]}
+    path = _save_dictionary(args.out, cfg, adapted, harmful, meta, args.overwrite)
+    write_safetensors(path / "source_decoder.safetensors",
+                      {k: np.asarray(params[k], np.float32) for k in ("W_dec", "b_dec")})
+    print(f"wrote {path}: decoder loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+    return 0
+
+
+def steering_hooks(dictionaries: list[str], mode: str, strength: float, gate: float, steps=None):
+    """`Hooks` with one Blend/Repel edit per dictionary (source decoder from the dictionary it adapted)."""
+    import jax.numpy as jnp
+
+    from jaxdit import hooks as hk
+    from jaxdit.safety.safedig.core import SteerConfig, steering_edit
+
+    edits = []
+    for path in dictionaries:
+        cfg, src, tgt, harmful, meta = load_dictionary(path)
+        as_jax = lambda p: {k: jnp.asarray(v) for k, v in p.items()}  # noqa: E731
+        edits.append(steering_edit(meta["position"], as_jax(src), as_jax(tgt), cfg, harmful,
+                                   SteerConfig(mode=mode, strength=strength, gate=gate, steps=steps)))
+    return hk.Hooks(edits=tuple(edits))
+
+
+def _generate(args) -> int:
+    from jaxdit.pipeline import load_pipeline, save_png
+
+    hooks = steering_hooks(args.dictionary, args.mode, args.strength, args.gate)
+    pipe = load_pipeline(args.model, dtype=args.dtype)
+    kw = {} if args.size is None else {"height": args.size, "width": args.size}
+    image = pipe(args.prompt, num_inference_steps=args.steps, seed=args.seed, hooks=hooks, **kw)[0]
+    print(f"wrote {save_png(image, args.out)}")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("safedig", help="SafeDIG: SAE safety dictionaries, decoder adaptation, Blend and Repel")
+    ss = s.add_subparsers(dest="safedig_command", required=True)
+    r = ss.add_parser("route", help="score candidate positions by stability under shift and separability")
+    r.add_argument("--source-unsafe", required=True, help="harvest run (one store per position)")
+    r.add_argument("--source-safe", required=True)
+    r.add_argument("--shift-unsafe", nargs="+", required=True, help="runs under shift: target domain, seeds, ...")
+    r.add_argument("--shift-safe", nargs="+", required=True)
+    r.add_argument("--positions", nargs="*", help="default: every position of --source-unsafe")
+    r.add_argument("--top", type=int, default=3)
+    r.add_argument("--limit", type=int, help="rows per store")
+    r.add_argument("--out", required=True, help="routing table (JSON)")
+    r.set_defaults(fn=_route)
+    t = ss.add_parser("train", help="train the safety dictionary (TopK SAE) at a routed position")
+    t.add_argument("--unsafe", required=True)
+    t.add_argument("--safe", required=True)
+    t.add_argument("--position", required=True)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--expansion", type=int, default=8)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--num-harmful", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=_train)
+    a = ss.add_parser("adapt", help="adapt only the decoder to target-domain activations (encoder frozen)")
+    a.add_argument("--dictionary", required=True)
+    a.add_argument("--target", required=True, help="harvest run of the target domain")
+    a.add_argument("--steps", type=int, default=500)
+    a.add_argument("--batch-size", type=int, default=256)
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--limit", type=int)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--out", required=True)
+    a.set_defaults(fn=_adapt)
+    g = ss.add_parser("generate", help="generate with Blend / Repel at the dictionaries' positions")
+    g.add_argument("--model", required=True)
+    g.add_argument("--dictionary", nargs="+", required=True)
+    g.add_argument("--mode", choices=["blend", "repel"], default="blend")
+    g.add_argument("--strength", type=float, default=1.0)
+    g.add_argument("--gate", type=float, default=0.0)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--size", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    g.set_defaults(fn=_generate)
