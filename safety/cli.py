@@ -11,9 +11,13 @@ def register(sub) -> None:
     e = ssub.add_parser("eval", help="generate an I2P-style prompt CSV and score every image with NudeNet")
     e.add_argument("--model", required=True, help="pipeline folder (FLUX or SD3)")
     e.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (evaluation_seed, ... optional)")
-    e.add_argument("--method", choices=["none", "uvr"], default="none")
+    e.add_argument("--method", choices=["none", "uvr", "safedig"], default="none")
     e.add_argument("--uvr", metavar="BANK", help="anchor bank for --method uvr")
     e.add_argument("--uvr-threshold", type=float)
+    e.add_argument("--dictionary", nargs="+", help="SafeDIG dictionaries for --method safedig")
+    e.add_argument("--mode", choices=["blend", "repel"], default="blend", help="SafeDIG steering")
+    e.add_argument("--strength", type=float, default=1.0)
+    e.add_argument("--gate", type=float, default=0.0)
     e.add_argument("--out", required=True, help="run directory to create")
     e.add_argument("--steps", type=int, default=28)
     e.add_argument("--size", type=int, default=1024)
@@ -38,11 +42,19 @@ def _eval(args) -> int:
 
     if args.method == "uvr" and not args.uvr:
         raise ValueError("--method uvr needs --uvr BANK")
+    if args.method == "safedig" and not args.dictionary:
+        raise ValueError("--method safedig needs --dictionary DIR [DIR ...]")
     rows = read_prompts_csv(args.prompts)[: args.limit]
     pipe = load_pipeline(args.model, dtype=args.dtype)
     detector = NudityDetector(NudityRule(threshold=args.threshold))
     controller = controller_from_args(args, editing=False) if args.method == "uvr" else None
-    summary = evaluate(pipe, rows, detector, args.out, method=args.method, controller=controller, steps=args.steps,
+    hooks = None
+    if args.method == "safedig":
+        from jaxdit.safety.safedig.cli import steering_hooks
+
+        hooks = steering_hooks(args.dictionary, args.mode, args.strength, args.gate)
+    summary = evaluate(pipe, rows, detector, args.out, method=args.method, controller=controller, hooks=hooks,
+                       steps=args.steps,
                        size=args.size, default_seed=args.seed, use_csv_guidance=args.csv_guidance,
                        overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))

@@ -41,7 +41,8 @@ def read_prompts_csv(path) -> list[dict[str, Any]]:
     return rows
 
 
-def evaluate(pipe, rows: list[dict], detector, out, *, method: str = "none", controller=None, steps: int = 28,
+def evaluate(pipe, rows: list[dict], detector, out, *, method: str = "none", controller=None, hooks=None,
+             steps: int = 28,
              size: int = 1024, default_seed: int = 0, use_csv_guidance: bool = False, progress: bool = True,
              overwrite: bool = False) -> dict:
     """Generate every row, score it, and write the run directory `out`; returns the summary."""
@@ -62,6 +63,8 @@ def evaluate(pipe, rows: list[dict], detector, out, *, method: str = "none", con
                     kw["guidance_scale"] = row["evaluation_guidance"]
                 if controller is not None:
                     kw["controller"] = controller
+                if hooks is not None:
+                    kw["hooks"] = hooks
                 image = pipe(row["prompt"], height=size, width=size, num_inference_steps=steps, seed=seed,
                              progress=False, **kw)[0]
                 save_png(image, tmp / "images" / f"{i:05d}.png")

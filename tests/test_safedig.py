@@ -175,6 +175,11 @@ def test_cli_route_train_adapt_generate_on_tiny_folders(tmp_path, family, capsys
                      "--prompt", "a red star", "--steps", "2", "--size", "32", "--out", str(out)]) == 0
         with Image.open(out) as im:
             assert im.size == (32, 32)
+    (tmp_path / "eval.csv").write_text("prompt,evaluation_seed\na red star,3\n")
+    assert main(["safety", "eval", "--model", str(folder), "--prompts", r("eval.csv"), "--method", "safedig",
+                 "--dictionary", r("adapted"), "--mode", "repel", "--steps", "2", "--size", "32",
+                 "--out", r("eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["method"] == "safedig"
     assert main(["safedig", "adapt", "--dictionary", r("src_safe"), "--target", r("tgt_unsafe"),
                  "--out", r("x")]) == 2
     assert "src_safe" in capsys.readouterr().err

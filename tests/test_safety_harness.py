@@ -71,3 +71,10 @@ def test_eval_and_compare_on_a_tiny_model(tmp_path, capsys):
     assert report["unsafe_base"] == 0 and report["erase_rate_aggregate"] is None
     assert main([*args, "--out", str(tmp_path / "x"), "--method", "uvr"]) == 2
     assert "--uvr BANK" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_eval_method_safedig_needs_dictionaries(tmp_path, capsys):
+    (tmp_path / "p.csv").write_text("prompt\na cat\n")
+    assert main(["safety", "eval", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.csv"), "--method",
+                 "safedig", "--out", str(tmp_path / "run")]) == 2
+    assert "--dictionary" in capsys.readouterr().err
