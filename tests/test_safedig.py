@@ -155,6 +155,8 @@ def test_cli_route_train_adapt_generate_on_tiny_folders(tmp_path, family, capsys
                  "--shift-unsafe", r("tgt_unsafe"), "--shift-safe", r("tgt_safe"), "--top", "1",
                  "--out", r("routing.json")]) == 0
     table = json.loads((tmp_path / "routing.json").read_text())["positions"]
+    with Image.open(tmp_path / "routing.png") as im:
+        assert im.format == "PNG" and im.size[1] > 40
     assert {row["position"] for row in table} == set(positions) and sum(row["chosen"] for row in table) == 1
     chosen = next(row["position"] for row in table if row["chosen"])
     assert main(["safedig", "train", "--unsafe", r("src_unsafe"), "--safe", r("src_safe"), "--position", chosen,

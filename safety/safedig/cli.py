@@ -44,10 +44,34 @@ def _route(args) -> int:
                                  for u, s in zip(args.shift_unsafe, args.shift_safe)]} for p in positions}
     rows = route(candidates, top=args.top)
     _write_json(args.out, {"positions": rows, "score": "max(stability, 0) * separability"})
+    plot = Path(args.out).with_suffix(".png")
+    _bar_chart(rows, plot)
+    print(f"wrote {args.out} and {plot}")
     for r in rows:
         print(f"{'*' if r['chosen'] else ' '} {r['position']:<32} score {r['score']:9.4f}  stability "
               f"{r['stability']:7.4f}  separability {r['separability']:9.4f}")
     return 0
+
+
+def _bar_chart(rows: list[dict], path) -> None:
+    """Routing scores as a horizontal bar chart (PNG, chosen positions filled), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    width, bar, left = 640, 22, 260
+    image = Image.new("RGB", (width, 40 + bar * len(rows)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), "SafeDIG routing: score = max(stability, 0) x separability", fill="black")
+    top = max(max(r["score"] for r in rows), 1e-12)
+    for i, r in enumerate(rows):
+        y = 32 + i * bar
+        draw.text((10, y + 4), r["position"], fill="black")
+        length = int((width - left - 80) * r["score"] / top)
+        draw.rectangle([left, y + 3, left + max(length, 1), y + bar - 3], outline="navy",
+                       fill="navy" if r["chosen"] else "white")
+        draw.text((left + length + 6, y + 4), f"{r['score']:.3g}", fill="black")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def _write_json(path, obj) -> None:
