@@ -176,6 +176,13 @@ class Attention(nn.Module):
             q_groups = None if mask is None else mask[0][:, layout.txt_slice]
             weights = attention_weights(q[:, layout.txt_slice], k, mask, q_groups)
             hooks.record("joint", "attn_probs_txt_to_img", weights[..., layout.img_slice])
+        if hooks is not None and hooks.wants("joint", "attn_img_sources"):
+            q_groups = None if mask is None else mask[0][:, layout.img_slice]
+            weights = attention_weights(q[:, layout.img_slice], k, mask, q_groups).mean(axis=1)  # [B, T_img, T]
+            ctx = slice(layout.total - layout.n_ctx, layout.total) if layout.text_first else slice(layout.n_img,
+                                                                                                   layout.n_img + layout.n_ctx)
+            to_ctx = weights[..., ctx].sum(-1, keepdims=True)
+            hooks.record("joint", "attn_img_sources", jnp.concatenate([weights[..., layout.txt_slice], to_ctx], -1))
 
         out_img, out_txt = out[:, layout.img_slice], out[:, layout.txt_slice]
         if hooks is not None:

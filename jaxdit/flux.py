@@ -29,12 +29,12 @@ POSITIONS = {
     "double": {
         "img": ("resid_pre", "attn_heads", "attn_out", "mlp_act", "mlp_out", "resid_post"),
         "txt": ("resid_pre", "attn_heads", "attn_out", "mlp_act", "mlp_out", "resid_post"),
-        "joint": ("attn_probs_txt_to_img",),
+        "joint": hk.ATTENTION_SITES,
     },
     "single": {
         "img": ("resid_pre", "attn_heads", "mlp_act", "update", "resid_post"),
         "txt": ("resid_pre", "attn_heads", "mlp_act", "update", "resid_post"),
-        "joint": ("attn_probs_txt_to_img",),
+        "joint": hk.ATTENTION_SITES,
     },
 }
 
@@ -46,8 +46,8 @@ def num_layers(config: FluxConfig) -> dict[str, int]:
 def _site_shape(config: FluxConfig, layout: hk.TokenLayout, batch: int, stream: str, site: str):
     n = {"img": layout.n_img + layout.n_ctx, "txt": layout.n_txt}.get(stream)
     heads, dh, d = config.num_attention_heads, config.attention_head_dim, config.inner_dim
-    if site == "attn_probs_txt_to_img":
-        return (batch, heads, layout.n_txt, layout.n_img + layout.n_ctx), jnp.float32
+    if site in hk.ATTENTION_SITES:
+        return hk.attention_site_shape(site, batch, heads, layout)
     width = {"attn_heads": None, "mlp_act": 4 * d}.get(site, d)
     shape = (batch, n, heads, dh) if site == "attn_heads" else (batch, n, width)
     return shape, jnp.dtype(config.dtype)

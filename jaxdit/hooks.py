@@ -24,6 +24,7 @@ Every place a hook can act has one name, used by capture, edit, harvest manifest
 | update         | the block's gated update (single-stream blocks)              | [B, T, D]          |
 | resid_post     | residual stream leaving the block                            | [B, T, D]          |
 | attn_probs_txt_to_img | softmax weights from text queries to image keys (after any attention mask) | [B, H, T_txt, T_img] |
+| attn_img_sources | where image queries read from (head mean, after any mask): weight on each text token, then the total on context tokens | [B, T_img, T_txt + 1] |
 
 Attention masks
 ---------------
@@ -55,7 +56,9 @@ SITES = (
     "update",
     "resid_post",
     "attn_probs_txt_to_img",
+    "attn_img_sources",
 )
+ATTENTION_SITES = ("attn_probs_txt_to_img", "attn_img_sources")  # stream "joint"; captured, never edited
 STREAMS = ("img", "txt", "joint")
 _POSITION = re.compile(r"^(?P<stack>[a-z]+)\.(?P<layer>\*|\d+)\.(?P<stream>[a-z]+)\.(?P<site>[a-z_]+)$")
 
@@ -325,6 +328,16 @@ class BlockHooks:
         return combine_masks(active)
 
 
+def attention_site_shape(site: str, batch: int, heads: int, layout: TokenLayout) -> tuple[tuple[int, ...], Any]:
+    """Shape and dtype (float32) of an attention-level capture site."""
+    n_img = layout.n_img + layout.n_ctx
+    if site == "attn_probs_txt_to_img":
+        return (batch, heads, layout.n_txt, n_img), jnp.float32
+    if site == "attn_img_sources":
+        return (batch, n_img, layout.n_txt + 1), jnp.float32
+    raise ValueError(f"{site!r} is not an attention-level site")
+
+
 def capture_plan(hooks: Hooks | None, stack: str, num_layers: int,
                  table: dict[str, dict[str, tuple[str, ...]]], all_layers: dict[str, int]):
     """For one stack: {"stream.site": selected layers (tuple) or None for all} from `hooks.capture`."""
@@ -364,7 +377,7 @@ def validate_hooks(hooks: Hooks | None, table, num_layers: dict[str, int]) -> No
     for e in hooks.edits:
         p = Position.parse(e.position)
         validate_position(p, table, num_layers)
-        if p.site == "attn_probs_txt_to_img":
+        if p.site in ATTENTION_SITES:
             raise ValueError(f"edit at {e.position!r}: attention probabilities can be captured, not edited; "
                              "use an AttentionMask")
     for m in hooks.attention:

@@ -48,7 +48,7 @@ from jaxdit.layers import AdaLNModulation, MLPEmbedder, dense, layer_norm, modul
 STACK = "joint"
 _SITES = ("resid_pre", "attn_heads", "attn_out", "mlp_act", "mlp_out", "resid_post")
 # Hook sites offered by the joint blocks (see jaxdit.hooks); the joint sequence is [image, text].
-POSITIONS = {STACK: {"img": _SITES, "txt": _SITES, "joint": ("attn_probs_txt_to_img",)}}
+POSITIONS = {STACK: {"img": _SITES, "txt": _SITES, "joint": hk.ATTENTION_SITES}}
 # The last block's text stream only feeds the attention (context pre-only): it has these sites alone.
 LAST_BLOCK_TXT_SITES = ("resid_pre", "attn_heads")
 
@@ -204,7 +204,7 @@ class SD3Transformer(nn.Module):
         n = cfg.num_layers
         plan = hk.capture_plan(hooks, STACK, n, POSITIONS, num_layers(cfg))
         buffers = {key: jnp.zeros((n if layers is None else len(layers), *_site_shape(cfg, layout, batch, key)),
-                                  jnp.float32 if key == "joint.attn_probs_txt_to_img" else dt)
+                                  jnp.float32 if key.startswith("joint.") else dt)
                    for key, layers in plan.items()}
         for start, stop in segments(cfg):
             dual, last = _structure(cfg, start)
@@ -234,8 +234,8 @@ def unpatchify(tokens: jax.Array, grid_h: int, grid_w: int, patch_size: int) -> 
 def _site_shape(cfg: SD3Config, layout: hk.TokenLayout, batch: int, key: str) -> tuple[int, ...]:
     stream, site = key.split(".")
     heads, dh, d = cfg.num_attention_heads, cfg.attention_head_dim, cfg.inner_dim
-    if site == "attn_probs_txt_to_img":
-        return batch, heads, layout.n_txt, layout.n_img
+    if site in hk.ATTENTION_SITES:
+        return hk.attention_site_shape(site, batch, heads, layout)[0]
     n = layout.n_img if stream == "img" else layout.n_txt
     if site == "attn_heads":
         return batch, n, heads, dh

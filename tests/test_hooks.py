@@ -68,9 +68,16 @@ def test_selected_layer_capture_and_attention_probabilities(twin):
     probs = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / cfg.attention_head_dim ** 0.5, -1)
     n_txt = inputs["encoder_hidden_states"].shape[1]
 
-    hooks = hk.Hooks(capture=("single.1.img.attn_heads", "single.1.joint.attn_probs_txt_to_img"))
+    hooks = hk.Hooks(capture=("single.1.img.attn_heads", "single.1.joint.attn_probs_txt_to_img",
+                              "single.1.joint.attn_img_sources"))
     _, caps = _run(cfg, params, inputs, hooks, n_ctx)
-    assert set(caps) == {"single.1.img.attn_heads", "single.1.joint.attn_probs_txt_to_img"}
+    assert set(caps) == {"single.1.img.attn_heads", "single.1.joint.attn_probs_txt_to_img",
+                         "single.1.joint.attn_img_sources"}
+    n_gen = inputs["hidden_states"].shape[1] - n_ctx
+    img_rows = probs[:, :, n_txt:].detach().numpy()
+    ref_sources = np.concatenate([img_rows[..., :n_txt].mean(1),
+                                  img_rows[..., n_txt + n_gen:].sum(-1, keepdims=True).mean(1)], -1)
+    assert rel_err(caps["single.1.joint.attn_img_sources"], ref_sources) <= 1e-5
     ref_heads = heads(grabbed["out"])[:, n_txt:].detach().numpy()
     assert rel_err(caps["single.1.img.attn_heads"], ref_heads) <= 1e-5
     ref_probs = probs[:, :, :n_txt, n_txt:].detach().numpy()
