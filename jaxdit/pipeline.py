@@ -517,3 +517,36 @@ def save_png(image, path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def capture_run(pipe, *args, capture: Sequence[str], steps: Sequence[int] | None = None, **kwargs):
+    """Run a pipeline once and bring the captured positions of the chosen steps to the host.
+
+    Returns (pipeline output, {step: {position: numpy array}}). Captures travel out of the compiled loop
+    through a host callback, so memory holds one step's captures at a time on the device.
+    """
+    from flax import struct
+
+    wanted = None if steps is None else {int(s) for s in steps}
+    kept: dict[int, dict[str, np.ndarray]] = {}
+    hooks = hk.Hooks(capture=tuple(capture))
+
+    def host(caps, step):
+        if wanted is None or int(step) in wanted:
+            kept[int(step)] = {k: np.asarray(v) for k, v in caps.items()}
+
+    @struct.dataclass
+    class Recorder:
+        def init(self, batch, geometry):
+            return jnp.zeros((), jnp.int32)
+
+        def hooks(self, state, step, t, geometry):
+            return hooks
+
+        def update(self, state, captures, step, t, geometry):
+            jax.debug.callback(host, dict(captures), step, ordered=True)
+            return state
+
+    out = pipe(*args, controller=Recorder(), **kwargs)
+    jax.effects_barrier()
+    return out, kept

@@ -80,3 +80,38 @@ def test_cli_anchors_then_generate_with_uvr(dev_pipe, tmp_path, capsys):
         assert im.size == (32, 32)
     assert main([*base, "--out", str(tmp_path / "x.png"), "--uvr", str(prompts)]) == 2
     assert "prompts.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("editing", [False, True])
+def test_startup_analysis(tmp_path, editing):
+    """`jaxdit uvr analyze` on tiny FLUX / Kontext folders: flows per step and block, IoU, PNG charts."""
+    import json
+
+    from PIL import Image
+
+    from jaxdit.cli import main
+    from pipeline_twins import flux_pipeline_folder
+
+    folder = tmp_path / "pipe"
+    flux_pipeline_folder(folder, guidance=True, seed=22, kontext=editing)
+    bank = tmp_path / "bank.safetensors"
+    rng = np.random.default_rng(0)
+    anc.save_bank(bank, rng.standard_normal((2, 3, 16)).astype(np.float32),
+                  {"concept": "cat", "position": "single.1.img.attn_heads"})
+    args = ["uvr", "analyze", "--model", str(folder), "--bank", str(bank), "--prompt", "a photo of a cat sitting",
+            "--concept", "cat", "--out", str(tmp_path / "report"), "--steps", "3", "--size", "32",
+            "--threshold=-1e9"]
+    if editing:
+        src = tmp_path / "in.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(src)
+        args += ["--image", str(src)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    assert report["steps"] == [0, 1, 2] and report["iou_with_final"][-1] == 1.0
+    assert len(report["layers"]) == 2 + 3 and np.asarray(report["text_flow_in_region"]).shape == (3, 5)
+    assert np.all(np.asarray(report["text_flow_in_region"]) > 0)
+    flows = np.asarray(report["context_flow_in_region"])
+    assert (flows > 0).all() if editing else (flows == 0).all()
+    for png in ["text_flow.png", "iou.png"] + (["context_flow.png"] if editing else []):
+        with Image.open(tmp_path / "report" / png) as im:
+            assert im.format == "PNG"

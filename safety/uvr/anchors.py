@@ -21,8 +21,6 @@ import json
 import os
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import hooks as hk
@@ -67,6 +65,7 @@ def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.1
             patch_masks: list[np.ndarray] | None = None, num_anchors: int = 16, progress: bool = True):
     """Anchor bank [H, K, D] for `concept` from FLUX generations of `prompts` (see module docstring)."""
     from jaxdit import sampling
+    from jaxdit.pipeline import capture_run
 
     p = hk.Position.parse(position)
     probs_at = f"{p.stack}.{p.layer}.joint.attn_probs_txt_to_img"
@@ -79,16 +78,11 @@ def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.1
         raise ValueError(f"no step has timestep >= {window_t}; lower window_t")
     per_head = []
     for i, prompt in enumerate(prompts):
-        heads, probs = [], []
-
-        def keep(caps, step):
-            heads.append(np.asarray(caps[position])[0, :n_gen])
-            probs.append(np.asarray(caps[probs_at])[0])
-
-        hooks = hk.Hooks(capture=(position, probs_at))
-        _run_capturing(pipe, prompt, hooks, keep, height=height, width=width, steps=num_inference_steps,
-                       seed=seed + i, max_len=max_len, window=window)
-        heads, probs = np.stack(heads), np.stack(probs)  # [S, n_gen, H, D], [S, H, T_txt, T_img]
+        _, kept = capture_run(pipe, prompt, capture=(position, probs_at), steps=window, height=height, width=width,
+                              num_inference_steps=num_inference_steps, seed=seed + i, max_sequence_length=max_len,
+                              output_type="latent", progress=False)
+        heads = np.stack([kept[s][position][0, :n_gen] for s in sorted(kept)])  # [S, n_gen, H, D]
+        probs = np.stack([kept[s][probs_at][0] for s in sorted(kept)])  # [S, H, T_txt, T_img]
         if patch_masks is not None:
             mask = np.asarray(patch_masks[i], bool).reshape(-1)
         else:
@@ -105,32 +99,6 @@ def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.1
             "num_inference_steps": num_inference_steps, "height": height, "width": width,
             "prompts": list(prompts), "vectors": int(len(vectors))}
     return anchors, meta
-
-
-def _run_capturing(pipe, prompt, hooks, keep, *, height, width, steps, seed, max_len, window):
-    """Generate once with a controller that records the captures of the window steps on the host."""
-    from flax import struct
-
-    window = set(int(s) for s in window)
-
-    @struct.dataclass
-    class Recorder:
-        def init(self, batch, geometry):
-            return jnp.zeros((), jnp.int32)
-
-        def hooks(self, state, step, t, geometry):
-            return hooks
-
-        def update(self, state, captures, step, t, geometry):
-            def host(caps, s):
-                if int(s) in window:
-                    keep(caps, int(s))
-            jax.debug.callback(host, {k: captures[k] for k in hooks.capture}, step, ordered=True)
-            return state
-
-    pipe(prompt, height=height, width=width, num_inference_steps=steps, seed=seed, max_sequence_length=max_len,
-         output_type="latent", progress=False, controller=Recorder())
-    jax.effects_barrier()
 
 
 def save_bank(path, anchors: np.ndarray, meta: dict) -> Path:

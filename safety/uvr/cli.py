@@ -25,6 +25,22 @@ def register(sub) -> None:
     a.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(fn=_anchors)
+    z = usub.add_parser("analyze", help="start-up stage analysis: flows by step and block, localization IoU",
+                        description="Generates (or edits, with --image) once, recording per step and block the "
+                                    "attention flow from the concept's tokens (and context patches) into the "
+                                    "unsafe region, and per step the localized mask's IoU with the final one.")
+    z.add_argument("--model", required=True)
+    z.add_argument("--bank", required=True, help="anchor bank (jaxdit uvr anchors)")
+    z.add_argument("--prompt", required=True)
+    z.add_argument("--concept", required=True)
+    z.add_argument("--image", help="input image: analyse a Kontext edit")
+    z.add_argument("--out", required=True, help="report directory (JSON + PNG)")
+    z.add_argument("--steps", type=int, default=28)
+    z.add_argument("--size", type=int, default=1024)
+    z.add_argument("--threshold", type=float, help="localization threshold (default 0.6, editing 0.2)")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    z.set_defaults(fn=_analyze)
 
 
 def add_generation_options(g: argparse.ArgumentParser) -> None:
@@ -69,4 +85,33 @@ def _anchors(args) -> int:
                          quantile=args.quantile, num_anchors=args.num_anchors)
     meta["model"] = str(args.model)
     print(f"wrote {save_bank(args.out, bank, meta)} ({meta['vectors']} patch vectors -> {bank.shape})")
+    return 0
+
+
+def _analyze(args) -> int:
+    import dataclasses
+
+    from jaxdit.pipeline import FluxPipeline, load_pipeline
+    from jaxdit.safety.uvr import localize as loc
+    from jaxdit.safety.uvr.analyze import analyze, write_report
+    from jaxdit.safety.uvr.anchors import load_bank
+
+    anchors, meta = load_bank(args.bank)
+    pipe = load_pipeline(args.model, dtype=args.dtype, editing=args.image is not None)
+    if not isinstance(pipe, FluxPipeline):
+        raise ValueError(f"{args.model}: the analysis needs a FLUX pipeline")
+    cfg = loc.EDIT if args.image else loc.T2I
+    if args.threshold is not None:
+        cfg = dataclasses.replace(cfg, threshold=args.threshold)
+    kw = {}
+    image = None
+    if args.image:
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+        kw = {"max_area": args.size * args.size, "auto_resize": False}
+    result = analyze(pipe, args.prompt, args.concept, anchors, position=meta["position"], image=image,
+                     height=args.size, width=args.size, num_inference_steps=args.steps, seed=args.seed, config=cfg, **kw)
+    out = write_report(result, args.out)
+    print(f"wrote {out}: IoU with the final mask by step {[round(v, 2) for v in result['iou_with_final']]}")
     return 0
