@@ -164,3 +164,21 @@ def test_sd3_pipeline_matches_diffusers(tmp_path, with_t5):
     assert rel_err(ours, ref) <= 1e-4
     images = pipe(**kw, latents=latents, output_type="np", progress=False)
     assert np.abs(images - ref_images).max() <= 1e-4
+
+
+def test_pipeline_with_a_converted_transformer(flux_dev, tmp_path):
+    """A pipeline folder whose transformer/ is a jaxdit checkpoint (jaxdit convert) gives the same result."""
+    import shutil
+
+    from jaxdit.convert import convert
+
+    path, _ = flux_dev
+    converted = tmp_path / "converted"
+    shutil.copytree(path, converted, ignore=shutil.ignore_patterns("transformer"))
+    convert(path / "transformer", converted / "transformer")
+    latents = packed_noise(1, 4, 16, 16, seed=9)
+    kw = dict(prompt=PROMPTS[0], height=32, width=32, num_inference_steps=2, max_sequence_length=8,
+              latents=latents, output_type="latent", progress=False)
+    a = FluxPipeline.from_pretrained(path)(**kw)
+    b = FluxPipeline.from_pretrained(converted)(**kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
