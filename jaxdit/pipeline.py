@@ -12,6 +12,7 @@ a `controller` (e.g. `jaxdit.safety.uvr.regulate.UVRController`) carries state a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -117,8 +118,33 @@ def _prompts(prompt: str | Sequence[str], num_images_per_prompt: int) -> list[st
     return [p for p in prompts for _ in range(num_images_per_prompt)]
 
 
+class _StepProgress:
+    """A denoising progress bar ticked from inside the compiled loop. `_tick` is a bound method, stable
+    across calls, so passing it as a static argument keeps jit's cache."""
+
+    def _tick(self, step) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.update(1)
+
+    @contextlib.contextmanager
+    def _progress(self, total: int, enabled: bool):
+        """Yields the `on_step` callback (None when disabled); waits for the last tick before closing."""
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+        try:
+            yield self._tick if enabled else None
+            jax.effects_barrier()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+
+
 @dataclasses.dataclass
-class FluxPipeline:
+class FluxPipeline(_StepProgress):
     """FLUX.1 dev / schnell text-to-image (diffusers `FluxPipeline`)."""
 
     transformer_config: Any
@@ -197,10 +223,6 @@ class FluxPipeline:
         noise = jax.random.normal(jax.random.key(seed), (batch, channels, h, w), jnp.float32)
         return flux.pack_latents(noise)
 
-    def _tick(self, step) -> None:
-        if getattr(self, "_bar", None) is not None:
-            self._bar.update(1)
-
     def _sample(self, latents, grid, embeds, pooled, guidance, sigmas, timesteps, context=None, context_ids=None,
                 hooks: HooksArg = None, progress: bool = True, controller=None):
         """Run the compiled denoising loop; context tokens (Kontext) ride after the noise tokens."""
@@ -209,12 +231,7 @@ class FluxPipeline:
             ids = np.concatenate([ids, context_ids])
         dt = jnp.dtype(self.transformer_config.dtype)
         cast = lambda x: None if x is None else jnp.asarray(x).astype(dt)  # noqa: E731
-        self._bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=len(timesteps), desc="denoising", unit="step", leave=False)
-        try:
+        with self._progress(len(timesteps), progress) as on_step:
             ctx_grid = None if context is None else tuple(int(v) + 1 for v in context_ids[-1, 1:])
             geometry = Geometry(hk.TokenLayout(embeds.shape[1], latents.shape[1], 0 if context is None else
                                                context.shape[1]), tuple(grid), ctx_grid)
@@ -222,13 +239,8 @@ class FluxPipeline:
                 self.transformer_params, cast(latents), cast(embeds), cast(pooled), guidance, sigmas, timesteps, ids,
                 flux.text_ids(embeds.shape[1]), cast(context), None if callable(hooks) else hooks, controller,
                 config=self.transformer_config, hooks_fn=hooks if callable(hooks) else None,
-                on_step=self._tick if progress else None, geometry=geometry)
+                on_step=on_step, geometry=geometry)
             out = jax.block_until_ready(out)
-            jax.effects_barrier()
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = None
         return out
 
     def decode(self, packed: jax.Array, height: int, width: int) -> jax.Array:
@@ -336,7 +348,7 @@ def _flux_sample(params, latents, embeds, pooled, guidance, sigmas, timesteps, i
 
 
 @dataclasses.dataclass
-class SD3Pipeline:
+class SD3Pipeline(_StepProgress):
     """SD3 / SD3.5 text-to-image with true classifier-free guidance (diffusers `StableDiffusion3Pipeline`).
 
     Conditioning: penultimate hidden states of CLIP-L and CLIP-G concatenated on features, zero-padded
@@ -395,10 +407,6 @@ class SD3Pipeline:
                              f"got {height}x{width}")
         return batch, self.transformer_config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def _tick(self, step) -> None:
-        if getattr(self, "_bar", None) is not None:
-            self._bar.update(1)
-
     def __call__(self, prompt: str | Sequence[str], height: int = 1024, width: int = 1024,
                  num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int = 0,
                  negative_prompt: str | Sequence[str] | None = None, latents: jax.Array | None = None,
@@ -426,12 +434,7 @@ class SD3Pipeline:
         mu = sampling.flux_mu(tokens, self.scheduler) if self.scheduler.use_dynamic_shifting else None
         sigmas, timesteps = sampling.flow_match_schedule(self.scheduler, num_inference_steps, mu=mu)
         dt = jnp.dtype(self.transformer_config.dtype)
-        self._bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=num_inference_steps, desc="denoising", unit="step", leave=False)
-        try:
+        with self._progress(num_inference_steps, progress) as on_step:
             p = self.transformer_config.patch_size
             grid = (shape[2] // p, shape[3] // p)
             geometry = Geometry(hk.TokenLayout(embeds.shape[1], grid[0] * grid[1], text_first=False), grid,
@@ -440,13 +443,8 @@ class SD3Pipeline:
                               pooled.astype(dt), jnp.float32(guidance_scale), sigmas, timesteps,
                               None if callable(hooks) else hooks, controller, config=self.transformer_config,
                               cfg_on=cfg_on, hooks_fn=hooks if callable(hooks) else None,
-                              on_step=self._tick if progress else None, geometry=geometry)
+                              on_step=on_step, geometry=geometry)
             out = jax.block_until_ready(out)
-            jax.effects_barrier()
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = None
         if output_type == "latent":
             return out
         z = vae.denormalize_latents(out.astype(jnp.float32), self.vae_config)
