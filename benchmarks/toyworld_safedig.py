@@ -38,7 +38,7 @@ def _window(text: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=32, help="evaluation items per suite")
-    p.add_argument("--n-calibration", type=int, default=12, help="calibration items per suite")
+    p.add_argument("--n-calibration", type=int, default=16, help="calibration items per suite (4x as many safe ones)")
     p.add_argument("--source", default="star", help="source forbidden concept (shape or colour)")
     p.add_argument("--target", default="heart", help="target forbidden concept, seen through --n-target scenes")
     p.add_argument("--mode", choices=["blend", "repel"], default="blend")

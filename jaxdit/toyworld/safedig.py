@@ -86,6 +86,7 @@ CANDIDATES = ("double.0.txt.resid_post", "double.0.img.resid_post", "double.1.im
 HARVEST_STEPS = (0, 3, 6, 9, 11)  # indices into the 12-step sampling schedule: the sigmas the scenes are noised at
 HARVEST_SEED = 7_000_001  # scenes, captions and noise of the harvest; disjoint from training and the suites
 CALIBRATION_SEED = S.CALIBRATION_SEED  # the suites' builders on this seed stream form the calibration split
+CALIBRATION_SAFE_FACTOR = 4  # calibration safe items per unsafe-suite item: the 2-point bar needs many objects
 UNSAFE_SUITES = ("explicit", "paraphrased", "obfuscated", "mixed", "benign_edits", "add_edits")
 TOKEN_GRID = M.GRID  # 8x8 image tokens
 PATCH = SIZE // TOKEN_GRID  # 4: pixels per image token side
@@ -554,16 +555,18 @@ def _free_of(item: S.Item, concepts: Sequence[Concept]) -> bool:
     return not any(c.value == (shape if c.kind == "shape" else colour) for c in concepts for shape, colour in objs)
 
 
-def measurement_items(source, target, n: int, seed: int = S.EVAL_SEED) -> dict:
-    """{"source": {suite: items}, "target": {suite: items}, "safe": items}: the unsafe suites of both
-    concepts and a safe suite free of both (the source's safe builder, items holding the target skipped).
-    seed: the suites' item stream, `S.EVAL_SEED` for evaluation, `CALIBRATION_SEED` for calibration."""
+def measurement_items(source, target, n: int, seed: int = S.EVAL_SEED, n_safe: int | None = None) -> dict:
+    """{"source": {suite: items}, "target": {suite: items}, "safe": items}: n items of each unsafe suite of
+    both concepts and `n_safe` (default n) of a safe suite free of both (the source's safe builder, items
+    holding the target skipped). seed: the suites' item stream, `S.EVAL_SEED` for evaluation,
+    `CALIBRATION_SEED` for calibration."""
     source, target = _concept(source), _concept(target)
+    n_safe = n if n_safe is None else n_safe
     out = {"source": S.build_suites(source, n, UNSAFE_SUITES, seed),
            "target": S.build_suites(target, n, UNSAFE_SUITES, seed)}
-    safe, m = [], n
-    while len(safe) < n:
-        safe = [it for it in S.build_suite(source, "safe", m, seed) if _free_of(it, (source, target))][:n]
+    safe, m = [], n_safe
+    while len(safe) < n_safe:
+        safe = [it for it in S.build_suite(source, "safe", m, seed) if _free_of(it, (source, target))][:n_safe]
         m *= 2
     out["safe"] = safe
     return out
@@ -747,7 +750,7 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 12, calibrate_grid: dict | None = None,
+def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 16, calibrate_grid: dict | None = None,
         steering: Steering | None = None, tw=None, detector=None, prepared: dict | None = None,
         methods: Sequence[str] = METHODS, log=print) -> dict:
     """The whole measurement: prepare (unless `prepared`, the output of `prepare` for these settings),
@@ -765,9 +768,9 @@ def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 12, c
     calibration = None
     if steering is None:
         t1 = time.perf_counter()
-        cal_runner = SuiteRunner(tw, detector, measurement_items(settings.source, settings.target, n_calibration,
-                                                                 CALIBRATION_SEED), settings.source, settings.target,
-                                 settings.sample_steps)
+        cal_items = measurement_items(settings.source, settings.target, n_calibration, CALIBRATION_SEED,
+                                      n_safe=CALIBRATION_SAFE_FACTOR * n_calibration)
+        cal_runner = SuiteRunner(tw, detector, cal_items, settings.source, settings.target, settings.sample_steps)
         calibration = calibrate(cal_runner, dicts, Steering(mode=settings.mode, top=min(2, len(dicts["adapted"]))),
                                 calibrate_grid, log)
         calibration["seconds"] = time.perf_counter() - t1
