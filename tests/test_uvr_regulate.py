@@ -126,10 +126,7 @@ def test_controller_in_the_sampling_loop(tiny_pipes, mode):
     plain = np.asarray(run(None))
     never = np.asarray(run(_controller(mode, threshold=1e9)))  # nothing localized: no restriction
     always = np.asarray(run(_controller(mode, threshold=-1e9)))  # every patch unsafe
-    if mode == "t2i":
-        np.testing.assert_allclose(never, plain, atol=1e-5)
-    else:  # the x1.05 amplification applies in the window even before a mask exists
-        assert np.abs(never - plain).max() > 0
+    np.testing.assert_allclose(never, plain, atol=1e-5)  # empty masks: no restriction, no amplification
     assert np.abs(always - plain).max() > 1e-2 and np.abs(always - never).max() > 1e-2
     np.testing.assert_array_equal(np.asarray(run(_controller(mode, threshold=-1e9))), always)  # deterministic
 

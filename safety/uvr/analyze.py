@@ -33,21 +33,30 @@ def analyze(pipe, prompt: str, concept: str, anchors: np.ndarray, *, position: s
     from jaxdit.safety.uvr.anchors import concept_token_positions
 
     max_len = max_sequence_length or pipe.default_max_sequence_length
-    stacks = ("double", "single")
-    capture = tuple(f"{s}.*.joint.attn_img_sources" for s in stacks) + (position,)
+    capture = tuple(f"{s}.*.joint.attn_img_sources" for s in ("double", "single")) + (position,)
     args = (prompt,) if image is None else (image, prompt)
     _, kept = capture_run(pipe, *args, capture=capture, height=height, width=width,
                           num_inference_steps=num_inference_steps, seed=seed, max_sequence_length=max_len,
                           output_type="latent", progress=False, **kwargs)
     grid = pipe._token_grid(height, width)
-    n_gen = grid[0] * grid[1]
     tokens = concept_token_positions(pipe.tokenizer_2, prompt, concept, max_len)
     if len(tokens) == 0:
         raise ValueError(f"the prompt {prompt!r} does not contain the concept {concept!r}")
+    return analyze_captures(kept, grid=grid, tokens=tokens, anchors=anchors, position=position, config=config,
+                            prompt=prompt, concept=concept, editing=image is not None)
+
+
+def analyze_captures(kept: dict, *, grid: tuple[int, int], tokens, anchors, position: str,
+                     config: loc.LocalizeConfig, prompt: str, concept: str, editing: bool, index: int = 0) -> dict:
+    """The analysis of one recorded run: kept = {step: {position: array}} with the localization position and
+    `{stack}.{layer}.joint.attn_img_sources` captures (image `index` of the batch); tokens: the concept's
+    text token positions."""
+    n_gen = grid[0] * grid[1]
+    stacks = ("double", "single")
     steps = sorted(kept)
     masks = []
     for s in steps:
-        heads = kept[s][position][:, :n_gen]
+        heads = kept[s][position][index:index + 1, :n_gen]
         scores = loc.score_patches(jnp.asarray(heads), jnp.asarray(anchors)).reshape(-1, *grid)
         masks.append(np.asarray(loc.localize(scores, config)[0])[0])
     final = masks[-1]
@@ -59,7 +68,7 @@ def analyze(pipe, prompt: str, concept: str, anchors: np.ndarray, *, position: s
     ctx_in = np.zeros_like(text_in)
     for i, s in enumerate(steps):
         for j, name in enumerate(layers):
-            src = kept[s][name][0, :n_gen]  # [n_gen, T_txt + 1]
+            src = kept[s][name][index, :n_gen]  # [n_gen, T_txt + 1]
             concept_w = src[:, tokens].sum(-1)
             text_in[i, j] = concept_w[inside].mean() if inside.any() else 0.0
             text_out[i, j] = concept_w[~inside].mean() if (~inside).any() else 0.0
@@ -69,7 +78,7 @@ def analyze(pipe, prompt: str, concept: str, anchors: np.ndarray, *, position: s
         "layers": [".".join(n.split(".")[:2]) for n in layers],
         "iou_with_final": [iou(m, final) for m in masks], "region_patches": [int(m.sum()) for m in masks],
         "text_flow_in_region": text_in.tolist(), "text_flow_outside": text_out.tolist(),
-        "context_flow_in_region": ctx_in.tolist(), "editing": image is not None,
+        "context_flow_in_region": ctx_in.tolist(), "editing": editing,
         "final_mask": final.astype(int).tolist(),
     }
 

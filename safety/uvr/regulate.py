@@ -60,11 +60,13 @@ def context_restriction(layout: hk.TokenLayout, core_ctx: jax.Array, ring_ctx: j
                         config: RegulateConfig = RegulateConfig(), active=True) -> hk.AttentionMask:
     """AttentionMask restricting the flow from unsafe context patches (core/ring: [B, n_ctx] bool).
 
-    `active` (a traced bool) switches the whole transformation off outside the start-up window.
+    `active` (a traced bool) switches the whole transformation off outside the start-up window; an image
+    with empty masks is left exactly as it is (no amplification either).
     """
     labels = jnp.where(core_ctx, 1, jnp.where(ring_ctx, 2, 0)).astype(jnp.int32)
     groups = hk.token_groups(layout, ctx_labels=labels, num_img_labels=1, num_ctx_labels=3)
-    scale = jnp.where(active, jnp.asarray(restriction_scale(config)), 1.0)[None, None]
+    on = jnp.logical_and(active, jnp.any(core_ctx | ring_ctx, axis=-1))[:, None, None, None]  # [B, 1, 1, 1]
+    scale = jnp.where(on, jnp.asarray(restriction_scale(config)), 1.0)
     if config.renormalise:
         return hk.AttentionMask(groups, bias=jnp.log(scale), layers=config.blocks)
     return hk.AttentionMask(groups, scale=scale, layers=config.blocks)
