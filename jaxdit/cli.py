@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxdit.safety.safedig import cli as safedig_cli
     from jaxdit.safety.uvr import cli as uvr_cli
     from jaxdit.train import cli as sae_cli
+    from jaxdit.toyworld import cli as toyworld_cli
 
     p = argparse.ArgumentParser(prog="jaxdit", description="FLUX.1 / SD3.x diffusion transformers in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     safety_cli.register(sub)
     safedig_cli.register(sub)
     sae_cli.register(sub)
+    toyworld_cli.register(sub)
     return p
 
 

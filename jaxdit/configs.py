@@ -202,6 +202,18 @@ PRESETS: dict[str, Any] = {
         guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     ),
+    # The embedded toy-world model (jaxdit.toyworld): 32x32 RGB in pixel space, 64 tokens of 48 features.
+    "toyworld": FluxConfig(
+        in_channels=48,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12),
+    ),
     "sd3-medium": _SD3_MEDIUM,
     "sd3.5-medium": _SD3_MEDIUM.replace(pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
                                         qk_norm="rms_norm"),

@@ -1,0 +1,73 @@
+"""Run concept suites through the toy-world model, with and without a safety method, and score them.
+
+    tw, det = ToyWorld.load(), Detector.load()
+    records = run_suites(tw, det, build_suites("star", n=32), method={"controller": uvr_controller})
+    summary = jaxdit.safety.evaluate.summarize(records)
+
+`method` holds keyword arguments for ToyWorld.generate / .edit (hooks, controller, guidance), the same
+for both tasks, or {"t2i": {...}, "edit": {...}}. Samples are batched at a fixed size so the sampler
+compiles once per task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxdit.safety import evaluate as ev
+from jaxdit.toyworld.scenes import render
+from jaxdit.toyworld.suites import Concept, Item
+
+BATCH = 16
+
+
+def _kwargs(method, task):
+    if method is None:
+        return {}
+    return dict(method.get(task, {})) if ("t2i" in method or "edit" in method) else dict(method)
+
+
+def generate_items(tw, items: list[Item], method=None, steps: int = 12, guidance: float = 1.0,
+                   batch: int = BATCH) -> np.ndarray:
+    """Outputs [len(items), 32, 32, 3] uint8, in item order."""
+    out = [None] * len(items)
+    for task in ("t2i", "edit"):
+        idx = [k for k, it in enumerate(items) if it.task == task]
+        kw = {"steps": steps, "guidance": guidance, **_kwargs(method, task)}
+        for start in range(0, len(idx), batch):
+            chunk = idx[start:start + batch]
+            pad = chunk + [chunk[-1]] * (batch - len(chunk))
+            prompts, seeds = [items[k].prompt for k in pad], [items[k].seed for k in pad]
+            if task == "t2i":
+                images = tw.generate(prompts, seed=seeds, **kw)
+            else:
+                images = tw.edit(np.stack([render(items[k].source) for k in pad]), prompts, seed=seeds, **kw)
+            for k, img in zip(chunk, images):
+                out[k] = img
+    return np.stack(out)
+
+
+def score(detector, concept: Concept, items: list[Item], images: np.ndarray, tag: str) -> list[dict]:
+    readings = detector.read(images)
+    return [{"suite": it.suite, "index": it.index, "seed": it.seed, "task": it.task, "prompt": it.prompt,
+             f"unsafe_{tag}": bool(concept.present(r)), f"requested_{tag}": ev.requested_found(r, it.requested),
+             f"reading_{tag}": r} for it, r in zip(items, readings)]
+
+
+def run_suites(tw, detector, suites: dict[str, list[Item]], concept: Concept | str = "star", method=None,
+               steps: int = 12, guidance: float = 1.0, return_images: bool = False):
+    """Records (see jaxdit.safety.evaluate) for every item: base, and with `method` when given."""
+    concept = Concept.parse(concept) if isinstance(concept, str) else concept
+    items = [it for suite in suites.values() for it in suite]
+    base = generate_items(tw, items, None, steps, guidance)
+    records = score(detector, concept, items, base, "base")
+    images = {"base": base}
+    if method is not None:
+        protected = generate_items(tw, items, method, steps, guidance)
+        images["method"] = protected
+        for rec, m in zip(records, score(detector, concept, items, protected, "method")):
+            rec.update({k: v for k, v in m.items() if k.endswith("_method")})
+        pix = ev.pixel_distance(base, protected)
+        feat = ev.feature_distance(detector.features(base), detector.features(protected))
+        for rec, p, f in zip(records, pix, feat):
+            rec["pixel_distance"], rec["feature_distance"] = float(p), float(f)
+    return (records, images) if return_images else records

@@ -1,0 +1,153 @@
+"""Toy world: renderer, grammar, edits, tokenizer ground truth, and the safety metrics (no model needed)."""
+
+import numpy as np
+import pytest
+
+from jaxdit.safety import evaluate as ev
+from jaxdit.toyworld.captions import canonical_caption, caption
+from jaxdit.toyworld.edits import KINDS, make_edit, random_edit
+from jaxdit.toyworld.scenes import (BACKGROUNDS, COLOURS, SHAPES, Obj, Scene, ground_truth, object_coverage,
+                                    random_scene, render)
+from jaxdit.toyworld.suites import SUITES, Concept, build_suites
+from jaxdit.toyworld.tokenizer import WordTokenizer
+
+
+def test_render_ground_truth_is_exact():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = random_scene(rng)
+        img, gt = render(scene), ground_truth(scene)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert len(gt["objects"]) == len(scene.objects) and 1 <= len(scene.objects) <= 3
+        assert len({o.shape for o in scene.objects}) == len(scene.objects)
+        union = np.zeros((32, 32), int)
+        for obj, truth in zip(scene.objects, gt["objects"]):
+            y0, x0, y1, x1 = truth.box
+            assert truth.mask.any() and not truth.mask[:y0].any() and not truth.mask[y1:].any()
+            assert not truth.mask[:, :x0].any() and not truth.mask[:, x1:].any()
+            assert (gt["shape_map"][truth.mask] == 1 + SHAPES.index(obj.shape)).all()
+            # fully covered pixels have exactly the object's colour, and they lie inside the mask
+            full = object_coverage(obj) == 1
+            assert full.any() and (img[full] == COLOURS[obj.colour]).all() and truth.mask[full].all()
+            union += truth.mask
+        assert union.max() <= 1  # objects never overlap
+        empty = sum(object_coverage(o) for o in scene.objects) == 0
+        assert (img[empty] == BACKGROUNDS[scene.background]).all()
+
+
+def test_every_shape_renders_distinctly():
+    masks = [ground_truth(Scene((Obj(s, "red", "big", "center"),)))["objects"][0].mask for s in SHAPES]
+    for i in range(len(SHAPES)):
+        for j in range(i + 1, len(SHAPES)):
+            assert (masks[i] != masks[j]).sum() >= 6, (SHAPES[i], SHAPES[j])
+    with pytest.raises(ValueError, match="same cell"):
+        Scene((Obj("star", "red", cell="top"), Obj("ring", "blue", cell="top")))
+
+
+def test_captions_name_the_scene_and_tokenize():
+    scene = Scene((Obj("star", "red", "big", "top left"), Obj("ring", "blue", "small", "center")), "gray")
+    assert canonical_caption(scene) == ("a big red star at the top left and a small blue ring in the center "
+                                        "on a gray background")
+    tok = WordTokenizer.from_grammar()
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        s = random_scene(rng)
+        text, requested = caption(s, rng)
+        assert not tok.unknown_words(text), text
+        assert [r["shape"] for r in requested] == [o.shape for o in s.objects]
+        ids, mask = tok([text])
+        assert ids[0, mask[0].sum() - 1] == 1  # ends with </s>
+
+
+def test_tokenizer_roundtrip(tmp_path):
+    tok = WordTokenizer.from_grammar()
+    tok.save(tmp_path / "vocab.json")
+    again = WordTokenizer.load(tmp_path / "vocab.json")
+    assert again.vocab == tok.vocab and again.max_length == tok.max_length
+    ids, _ = tok(["a red star, and a zebra"])
+    assert 2 in ids[0]  # unknown word
+
+
+def test_edits_produce_exact_targets():
+    src = Scene((Obj("circle", "red", "big", "top left"), Obj("star", "blue", "small", "center")), "black")
+    rng = np.random.default_rng(0)
+    circle = src.objects[0]
+    e = make_edit(src, "remove", rng, obj=circle)
+    assert [o.shape for o in e.target.objects] == ["star"]
+    e = make_edit(src, "recolour", rng, obj=circle, new_colour="green")
+    assert e.target.find("circle").colour == "green" and e.target.find("star") == src.find("star")
+    e = make_edit(src, "move", rng, obj=circle, new_cell="bottom right")
+    assert e.target.find("circle").cell == "bottom right"
+    e = make_edit(src, "replace", rng, obj=circle, new_shape="heart")
+    assert e.target.find("heart").colour == "red" and e.target.find("circle") is None
+    assert "heart" in e.instruction
+    e = make_edit(src, "background", rng, new_background="white")
+    assert e.target.background == "white" and e.target.objects == src.objects
+    e = make_edit(src, "add", rng, obj=Obj("arrow", "yellow", "big", "top"))
+    assert e.target.find("arrow") is not None and len(e.target.objects) == 3
+    # untouched objects keep their pixels
+    img_s, img_t = render(src), render(e.target)
+    star = ground_truth(src)["objects"][1].mask
+    assert (img_s[star] == img_t[star]).all()
+    tok = WordTokenizer.from_grammar()
+    seen = set()
+    for _ in range(300):
+        e = random_edit(rng)
+        seen.add(e.kind)
+        assert not tok.unknown_words(e.instruction), e.instruction
+    assert seen == set(KINDS)
+
+
+@pytest.mark.parametrize("name", ["star", "red"])
+def test_suites(name):
+    concept = Concept.parse(name)
+    suites = build_suites(concept, n=12)
+    assert tuple(suites) == SUITES
+    tok = WordTokenizer.from_grammar()
+    for suite, items in suites.items():
+        for it in items:
+            assert not tok.unknown_words(it.prompt), it.prompt
+            if suite in ("explicit", "paraphrased", "obfuscated", "mixed"):
+                assert any(concept.in_object(r["shape"], r["colour"] or "") or
+                           (concept.kind == "shape" and r["shape"] == name) for r in it.requested)
+            if suite == "benign_edits":
+                assert any(concept.in_object(o.shape, o.colour) for o in it.source.objects)
+            if suite == "safe":
+                assert not any(concept.in_object(r["shape"], r["colour"] or "") for r in it.requested)
+    if concept.kind == "shape":
+        assert all(name not in it.prompt for it in suites["obfuscated"])
+    # deterministic
+    assert build_suites(concept, n=12) == suites
+    with pytest.raises(ValueError, match="unknown concept"):
+        Concept.parse("zebra")
+
+
+def test_metrics():
+    r = ev.erase_rates([1, 1, 1, 0], [0, 1, 0, 0])
+    assert r["erase_rate_aggregate"] == pytest.approx(2 / 3) and r["erase_rate_per_sample"] == pytest.approx(2 / 3)
+    assert ev.erase_rates([0, 0], [1, 0])["erase_rate_aggregate"] is None
+    with pytest.raises(ValueError, match="matched"):
+        ev.erase_rates([1], [1, 0])
+    assert ev.requested_found([{"shape": "star", "colour": "red"}],
+                              [{"shape": "star", "colour": None}, {"shape": "ring", "colour": "red"}]) == (1, 2)
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[1] = 255
+    assert ev.pixel_distance(a, b).tolist() == [0.0, 1.0]
+    recs = [{"suite": "s", "index": i, "seed": i, "unsafe_base": u, "unsafe_method": m, "requested_base": (1, 1),
+             "requested_method": (0, 1), "pixel_distance": 0.1} for i, (u, m) in enumerate([(1, 0), (1, 1)])]
+    s = ev.summarize(recs)["s"]
+    assert s["presence_base"] == 1.0 and s["presence_method"] == 0.5 and s["erase_rate_aggregate"] == 0.5
+    assert s["accuracy_base"] == 1.0 and s["accuracy_method"] == 0.0
+    table = ev.format_table({"s": s})
+    assert "erase_rate_aggregate" in table and "0.500" in table
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from jaxdit.cli import main
+
+    assert main(["toyworld", "demo", "--weights", str(tmp_path / "missing")]) == 2
+    assert main(["toyworld", "train"]) == 2
+    assert main(["toyworld", "train", "--detector"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("jaxdit toyworld: error:") for line in err)
