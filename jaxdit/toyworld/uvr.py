@@ -1,0 +1,268 @@
+"""UVR on the toy world: anchor banks from the model's own runs, constants tuned on a calibration split.
+
+The mechanism is jaxdit.safety.uvr unchanged (UVRController: start-up localization against an anchor
+bank, noise replacement for text-to-image, context restriction for editing). What is toy-specific is the
+scale: the reference constants are for FLUX.1-dev at 64x64 tokens with 38 single-stream blocks (localize
+at single block 10, components of >= 5 patches, a ring of two 7x7 dilations, t >= 850 of 28 steps); the
+toy model has 2 single-stream blocks and an 8x8 token grid, where an object covers 4-9 tokens. The window
+(t >= 850) is the reference's: with the toy schedule's shift it holds the first 5 of 12 steps. So:
+
+- localization block: single-stream block 0 (`POSITION`), the first block where text and image have mixed
+  through two joint (double-stream) blocks, as block 10 of 38 is in FLUX;
+- anchors (`build_bank`): per-head attention outputs at the concept's patches over the start-up steps of
+  calibration runs, patches labelled exactly: for text-to-image by the detector's reading of the final
+  image, for editing by the source scene's ground truth; k-means per head;
+- threshold: the score threshold that best separates concept patches from the others on the same
+  calibration runs (maximum F1), stored in the bank, since the score scale depends on the model;
+- morphology for an 8x8 map: components of >= 2 patches, a ring of one 3x3 dilation.
+
+Calibration items come from `suites.CALIBRATION_SEED`, disjoint from the evaluation items.
+
+    bank = build_bank(tw, det, "star")                         # t2i and edit anchors + thresholds
+    method = uvr_method(bank)                                   # {"t2i": {...}, "edit": {...}}
+    records = run_suites(tw, det, build_suites("star"), "star", method=method)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxdit.pipeline import capture_run
+from jaxdit.safety.uvr import localize as loc
+from jaxdit.safety.uvr.anchors import kmeans
+from jaxdit.safety.uvr.regulate import RegulateConfig, UVRController
+from jaxdit.toyworld import model as M
+from jaxdit.toyworld.pipeline import DEFAULT_STEPS, schedule
+from jaxdit.toyworld.scenes import COLOUR_NAMES, SHAPES, ground_truth, render
+from jaxdit.toyworld.suites import CALIBRATION_SEED, Concept, build_suite
+
+POSITION = "single.0.img.attn_heads"
+STARTUP_T = 850.0  # start-up window: scheduler timestep >= this (reference value; the first 5 of 12 steps)
+T2I_LOCALIZE = dict(close_size=3, min_area=2, keep_mode="mass_ratio", mass_ratio=0.3, ring_size=3, ring_iters=1)
+EDIT_LOCALIZE = dict(close_size=3, min_area=2, keep_mode="topk_mass", topk=3, ring_size=3, ring_iters=1)
+
+
+def _concept(concept) -> Concept:
+    return Concept.parse(concept) if isinstance(concept, str) else concept
+
+
+def _to_tokens(cells: np.ndarray) -> np.ndarray:
+    """[B, H, W] bool at any multiple of the 8x8 token grid -> [B, 64]: a token is hit if any cell is."""
+    b, h, w = cells.shape
+    f = h // M.GRID
+    return cells.reshape(b, M.GRID, f, M.GRID, w // M.GRID).any((2, 4)).reshape(b, M.TOKENS)
+
+
+def detected_tokens(detector, images, concept) -> np.ndarray:
+    """[B, 64] bool: tokens whose 4x4-pixel patch holds the concept, by the detector's per-patch maps."""
+    c = _concept(concept)
+    shape_map, colour_map = detector.maps(images)
+    hit = shape_map == 1 + SHAPES.index(c.value) if c.kind == "shape" else colour_map == 1 + COLOUR_NAMES.index(c.value)
+    return _to_tokens(hit)
+
+
+def true_tokens(scenes, concept) -> np.ndarray:
+    """[B, 64] bool: tokens overlapping the concept's objects in the rendered scenes (exact ground truth)."""
+    c = _concept(concept)
+    maps = []
+    for scene in scenes:
+        objs = ground_truth(scene)["objects"]
+        maps.append(np.any([o.mask for o in objs if c.in_object(o.shape, o.colour)] or [np.zeros((M.SIZE,) * 2, bool)],
+                           axis=0))
+    return _to_tokens(np.stack(maps))
+
+
+def record(tw, texts, seeds, capture, images=None, steps: int = DEFAULT_STEPS):
+    """(outputs, {step: {position: array}}): one sampling run with captures brought to the host."""
+    fn = functools.partial(tw.generate if images is None else tw.edit, steps=steps)
+    args = (texts,) if images is None else (images, texts)
+    return capture_run(fn, *args, capture=capture, seed=list(seeds))
+
+
+def startup_steps(steps: int = DEFAULT_STEPS, window_t: float = STARTUP_T) -> list[int]:
+    return [int(i) for i in np.flatnonzero(schedule(steps)[1] >= window_t)]
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1): the cut of `scores` that best separates `labels` (maximum F1)."""
+    order = np.argsort(-scores)
+    s, y = scores[order], labels[order].astype(np.float64)
+    tp = np.cumsum(y)
+    f1 = 2 * tp / (np.arange(1, len(s) + 1) + y.sum())
+    k = int(np.argmax(f1))
+    cut = (s[k] + s[k + 1]) / 2 if k + 1 < len(s) else s[k] - 1e-6
+    return float(cut), float(f1[k])
+
+
+@dataclasses.dataclass
+class Bank:
+    """Anchors [H, K, D] and the calibrated threshold, for text-to-image and for editing."""
+
+    concept: str
+    t2i: np.ndarray
+    edit: np.ndarray
+    meta: dict
+
+    def save(self, path) -> Path:
+        from jaxdit.safety.uvr.anchors import save_bank
+
+        path = Path(path)
+        save_bank(path / "t2i.npz", self.t2i, {**self.meta, "mode": "t2i"})
+        save_bank(path / "edit.npz", self.edit, {**self.meta, "mode": "edit"})
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Bank":
+        from jaxdit.safety.uvr.anchors import load_bank
+
+        t2i, meta = load_bank(Path(path) / "t2i.npz")
+        edit, _ = load_bank(Path(path) / "edit.npz")
+        meta.pop("mode", None)
+        return cls(meta["concept"], t2i, edit, meta)
+
+
+def _collect(tw, items, labels_of, position, window, steps, batch):
+    """Per-head vectors at labelled patches over the window steps, and (scores later) all vectors/labels."""
+    vectors, all_heads, all_labels = [], [], []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        images = None if chunk[0].task == "t2i" else np.stack([render(it.source) for it in chunk])
+        out, kept = record(tw, [it.prompt for it in chunk], [it.seed for it in chunk], (position,), images, steps)
+        labels = labels_of(chunk, out)  # [b, 64]
+        for s in window:
+            heads = kept[s][position][:, :M.TOKENS]  # [b, 64, H, D]
+            vectors.append(heads[labels])
+            all_heads.append(heads.reshape(-1, *heads.shape[2:]))
+            all_labels.append(labels.reshape(-1))
+    return np.concatenate(vectors), np.concatenate(all_heads), np.concatenate(all_labels)
+
+
+def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 16, position: str = POSITION,
+               window_t: float = STARTUP_T, steps: int = DEFAULT_STEPS, batch: int = 16) -> Bank:
+    """Anchor banks of `concept` from calibration runs of the unprotected model (see module docstring)."""
+    c = _concept(concept)
+    window = startup_steps(steps, window_t)
+    t2i_items = [it for s in ("explicit", "paraphrased", "mixed") for it in
+                 build_suite(c, s, n // 3, CALIBRATION_SEED)]
+    edit_items = build_suite(c, "benign_edits", n, CALIBRATION_SEED)
+    sets = {
+        "t2i": (t2i_items, lambda chunk, out: detected_tokens(detector, out, c)),
+        "edit": (edit_items, lambda chunk, out: true_tokens([it.source for it in chunk], c)),
+    }
+    anchors, meta = {}, {"concept": c.value, "position": position, "window_t": window_t, "steps": steps,
+                         "window": window, "num_anchors": num_anchors}
+    for mode, (items, labels_of) in sets.items():
+        vecs, heads, labels = _collect(tw, items, labels_of, position, window, steps, batch)
+        if len(vecs) < num_anchors:
+            raise ValueError(f"{mode}: only {len(vecs)} concept patches in the calibration runs; the model does not "
+                             f"draw {c.value!r} (need at least {num_anchors})")
+        anchors[mode] = np.stack([kmeans(vecs[:, h], num_anchors) for h in range(vecs.shape[1])])
+        scores = np.asarray(loc.score_patches(heads[None], anchors[mode]))[0]
+        cut, f1 = best_threshold(scores, labels)
+        meta[f"{mode}_threshold"], meta[f"{mode}_f1"] = cut, f1
+        meta[f"{mode}_vectors"], meta[f"{mode}_items"] = int(len(vecs)), len(items)
+    return Bank(c.value, anchors["t2i"], anchors["edit"], meta)
+
+
+def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core_scale: float = 0.2,
+               ring_scale: float = 0.4, amplify: float = 1.05, noise_keep: float = 0.001, blocks: str = "*",
+               threshold_scale: float = 1.0) -> dict:
+    """{"t2i": {"controller": ...}, "edit": {"controller": ...}} for `run_suites` / ToyWorld.generate/edit."""
+    window_t = bank.meta["window_t"] if window_t is None else window_t
+    reg = RegulateConfig(core_scale=core_scale, ring_scale=ring_scale, amplify=amplify, noise_keep=noise_keep,
+                         window_t=window_t, blocks=blocks, localize_at=bank.meta["position"])
+    rng = jax.random.key(seed)
+    t2i = UVRController(np.asarray(bank.t2i), rng, "t2i",
+                        loc.LocalizeConfig(threshold=bank.meta["t2i_threshold"] * threshold_scale, **T2I_LOCALIZE),
+                        reg)
+    edit = UVRController(np.asarray(bank.edit), rng, "edit",
+                         loc.LocalizeConfig(threshold=bank.meta["edit_threshold"] * threshold_scale, **EDIT_LOCALIZE),
+                         reg)
+    return {"t2i": {"controller": t2i}, "edit": {"controller": edit}}
+
+
+def concept_token_positions(tokenizer, text: str, concept) -> np.ndarray:
+    """Positions of the concept's words (any synonym) in the tokenized text."""
+    c = _concept(concept)
+    words = tokenizer.words(text)[: tokenizer.max_length - 1]
+    hit = np.zeros(len(words), bool)
+    for syn in c.words():
+        parts = syn.split()
+        for i in range(len(words) - len(parts) + 1):
+            if words[i:i + len(parts)] == parts:
+                hit[i:i + len(parts)] = True
+    return np.flatnonzero(hit)
+
+
+def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, steps: int = DEFAULT_STEPS) -> dict:
+    """jaxdit.safety.uvr.analyze on the toy model: flows by step and block, mask IoU with the final one."""
+    from jaxdit.safety.uvr.analyze import analyze_captures
+
+    position = bank.meta["position"]
+    capture = ("double.*.joint.attn_img_sources", "single.*.joint.attn_img_sources", position)
+    images = None if image is None else np.asarray(image)[None]
+    _, kept = record(tw, [prompt], [seed], capture, images, steps)
+    tokens = concept_token_positions(tw.tokenizer, prompt, bank.concept)
+    if len(tokens) == 0 and image is None:  # an edit may leave the concept unnamed (its flow is then 0)
+        raise ValueError(f"the prompt {prompt!r} does not name the concept {bank.concept!r}")
+    mode = "t2i" if image is None else "edit"
+    config = loc.LocalizeConfig(threshold=bank.meta[f"{mode}_threshold"],
+                                **(T2I_LOCALIZE if image is None else EDIT_LOCALIZE))
+    return analyze_captures(kept, grid=(M.GRID, M.GRID), tokens=tokens, anchors=getattr(bank, mode),
+                            position=position, config=config, prompt=prompt, concept=bank.concept,
+                            editing=image is not None)
+
+
+# The constants `calibrate` chose for the committed weights (benchmarks/toyworld_uvr.py; RESULTS.md).
+SETTINGS: dict = {}
+
+CALIBRATION_SUITES = ("explicit", "mixed", "benign_edits", "safe")
+DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants first
+    {},
+    {"core_scale": 0.0, "ring_scale": 0.2},
+    {"window_t": 600.0},
+    {"window_t": 600.0, "core_scale": 0.0, "ring_scale": 0.2},
+    {"threshold_scale": 0.7},
+    {"threshold_scale": 0.7, "window_t": 600.0, "core_scale": 0.0, "ring_scale": 0.2},
+)
+
+
+def calibrate(tw, detector, bank: Bank, grid=DEFAULT_GRID, n: int = 16, max_drop: float = 0.02,
+              progress: bool = True) -> tuple[dict, list[dict]]:
+    """Pick `uvr_method` settings on calibration items (never the evaluation ones).
+
+    Objective: the highest mean erase rate over the unsafe calibration suites among settings whose
+    requested-object accuracy on the safe suite drops by at most `max_drop`; ties go to the smaller pixel
+    change on the safe suite. Returns (chosen settings, one row per setting tried).
+    """
+    from jaxdit.safety import evaluate as ev
+    from jaxdit.toyworld.evaluation import generate_items, score
+
+    c = _concept(bank.concept)
+    items = [it for s in CALIBRATION_SUITES for it in build_suite(c, s, n, CALIBRATION_SEED)]
+    base_images = generate_items(tw, items)
+    base = score(detector, c, items, base_images, "base")
+    rows = []
+    for settings in grid:
+        images = generate_items(tw, items, uvr_method(bank, **settings))
+        records = [{**b, **{k: v for k, v in m.items() if k.endswith("_method")}}
+                   for b, m in zip(base, score(detector, c, items, images, "method"))]
+        summary = ev.summarize(records)
+        erase = [summary[s].get("erase_rate_aggregate") for s in CALIBRATION_SUITES if s != "safe"]
+        safe = summary["safe"]
+        drop = (safe["accuracy_base"] or 0) - (safe["accuracy_method"] or 0)
+        pix = float(np.mean(ev.pixel_distance(base_images[[k for k, it in enumerate(items) if it.suite == "safe"]],
+                                              images[[k for k, it in enumerate(items) if it.suite == "safe"]])))
+        rows.append({"settings": settings, "erase_rate": float(np.mean([e for e in erase if e is not None] or [0])),
+                     "accuracy_drop": float(drop), "safe_pixel_distance": pix})
+        if progress:
+            print(f"calibrate {settings}: erase {rows[-1]['erase_rate']:.3f}, safe accuracy drop {drop:+.3f}, "
+                  f"safe pixel change {pix:.4f}", flush=True)
+    ok = [r for r in rows if r["accuracy_drop"] <= max_drop] or rows
+    best = max(ok, key=lambda r: (r["erase_rate"], -r["safe_pixel_distance"]))
+    return dict(best["settings"]), rows

@@ -1,0 +1,83 @@
+"""UVR on the toy world: patch labels, threshold calibration, concept tokens, recording and no-op behaviour."""
+
+import numpy as np
+import pytest
+
+from jaxdit.toyworld import uvr
+from jaxdit.toyworld.scenes import Obj, Scene, ground_truth, random_scene
+from jaxdit.toyworld.weights import DEFAULT_DIR
+
+
+def test_true_tokens_match_a_pixel_loop():
+    rng = np.random.default_rng(3)
+    scenes = [random_scene(rng) for _ in range(20)] + [Scene((Obj("star", "red", "big", "top left"),))]
+    got = uvr.true_tokens(scenes, "star")
+    for scene, row in zip(scenes, got):
+        want = np.zeros(64, bool)
+        for o in ground_truth(scene)["objects"]:
+            if o.shape != "star":
+                continue
+            for t in range(64):
+                r, c = divmod(t, 8)
+                want[t] |= o.mask[4 * r:4 * r + 4, 4 * c:4 * c + 4].any()
+        assert (row == want).all()
+    assert got[-1].any() and got[-1].sum() <= 16
+    red = uvr.true_tokens(scenes[-1:], "red")
+    assert (red == got[-1:]).all()
+
+
+def test_best_threshold_is_the_best_cut():
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.2
+    scores = rng.normal(size=300) + 1.5 * labels
+    cut, f1 = uvr.best_threshold(scores, labels)
+
+    def f1_at(t):
+        pred = scores > t
+        tp = (pred & labels).sum()
+        return 2 * tp / (pred.sum() + labels.sum())
+
+    brute = max(f1_at(t) for t in np.concatenate([scores - 1e-9, scores + 1e-9]))
+    assert f1 == pytest.approx(f1_at(cut)) and f1 == pytest.approx(brute)
+
+
+def test_concept_token_positions_cover_synonyms():
+    from jaxdit.toyworld.tokenizer import WordTokenizer
+
+    tok = WordTokenizer.from_grammar()
+    assert list(uvr.concept_token_positions(tok, "a red star and a blue ring", "star")) == [2]
+    assert list(uvr.concept_token_positions(tok, "draw a five pointed shape", "star")) == [2, 3, 4]
+    assert list(uvr.concept_token_positions(tok, "a crimson disc", "red")) == [1]
+    assert len(uvr.concept_token_positions(tok, "a blue ring", "star")) == 0
+
+
+def test_startup_window_steps():
+    from jaxdit.toyworld.pipeline import schedule
+
+    _, timesteps = schedule(12)
+    assert uvr.startup_steps(12, 850.0) == [i for i in range(12) if timesteps[i] >= 850] == [0, 1, 2, 3, 4]
+    assert uvr.startup_steps(12, 1000.0) == [0]
+
+
+needs_weights = pytest.mark.skipif(not (DEFAULT_DIR / "transformer").is_dir(), reason="no committed toy-world weights")
+
+
+@needs_weights
+def test_recording_and_empty_masks_leave_the_samples_unchanged():
+    from jaxdit.toyworld.pipeline import ToyWorld
+
+    tw = ToyWorld.load()
+    prompts, seeds = ["a red star at the top left", "a blue ring"], [5, 6]
+    base = tw.generate(prompts, seed=seeds, steps=4)
+    out, kept = uvr.record(tw, prompts, seeds, (uvr.POSITION,), steps=4)
+    assert (out == base).all()
+    assert sorted(kept) == [0, 1, 2, 3] and kept[0][uvr.POSITION].shape == (2, 64, 4, 32)
+    # a bank whose threshold no patch reaches: the controllers localize nothing and change nothing
+    anchors = np.asarray(kept[0][uvr.POSITION][0, :4]).transpose(1, 0, 2)  # [H, K=4, D]
+    bank = uvr.Bank("star", anchors, anchors, {"position": uvr.POSITION, "window_t": 500.0,
+                                               "t2i_threshold": 1e9, "edit_threshold": 1e9})
+    method = uvr.uvr_method(bank)
+    assert (tw.generate(prompts, seed=seeds, steps=4, **method["t2i"]) == base).all()
+    src = np.stack([base[0], base[1]])
+    assert (tw.edit(src, ["make the background white"] * 2, seed=seeds, steps=4, **method["edit"]) ==
+            tw.edit(src, ["make the background white"] * 2, seed=seeds, steps=4)).all()
