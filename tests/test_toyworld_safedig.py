@@ -186,6 +186,9 @@ def test_calibration_search_respects_the_preservation_bar(monkeypatch):
     out = sd.calibrate(Runner(), {"adapted": [Dict()]}, sd.Steering(), {"strength": (0.5, 1.0, 2.0, 3.0)},
                        log=lambda s: None)
     assert out["chosen"]["strength"] == 2.0 and len(out["trials"]) == 4
+    strongest = sd.calibrate(Runner(), {"adapted": [Dict()]}, sd.Steering(), {"strength": (0.5, 1.0, 2.0, 3.0)},
+                             log=lambda s: None, objective=sd.erase_objective)
+    assert strongest["chosen"]["strength"] == 3.0
     key = sd.calibration_objective
     assert key({"target_reduction": 0.5, "source_erase_rate": 0.9, "safe_accuracy_drop_points": 1.0,
                 "safe_pixel_distance": 0.1}) > key({"target_reduction": 1.0, "source_erase_rate": 1.0,
@@ -200,10 +203,12 @@ def test_end_to_end_smoke(world, tmp_path):
     tw, det, prep = world
     result = sd.run(SETTINGS, n=1, n_calibration=1, calibrate_grid={"strength": (1.0,)}, tw=tw, detector=det,
                     prepared=prep, methods=("adapted",), log=lambda s: None)
-    assert set(result["methods"]) == {"adapted"}
+    assert set(result["methods"]) == set(sd.OPERATING_POINTS) == set(result["steering"])
     assert set(sd.build_methods(prep["dictionaries"], sd.Steering(top=1))) == set(sd.METHODS)
-    assert result["calibration"]["trials"] and result["steering"]["strength"] == 1.0
-    for m in result["methods"].values():
+    for point in sd.OPERATING_POINTS:
+        assert result["calibration"][point]["trials"] and result["steering"][point]["strength"] == 1.0
+        assert set(result["methods"][point]) == {"adapted"}
+        m = result["methods"][point]["adapted"]
         for concept in ("source", "target"):
             table = m["summary"][concept]
             assert set(table) == set(sd.UNSAFE_SUITES) | {"safe"}
@@ -212,6 +217,8 @@ def test_end_to_end_smoke(world, tmp_path):
                 for col in ("presence_base", "presence_method", "erase_rate_aggregate", "erase_rate_per_sample",
                             "accuracy_base", "accuracy_method", "pixel_distance", "feature_distance"):
                     assert col in row and _in_unit(row[col]), (suite, col, row.get(col))
+            counts = m["unsafe_counts"][concept]
+            assert counts["n"] == len(sd.UNSAFE_SUITES) and 0 <= counts["unsafe_method"] <= counts["n"]
         bars = m["bars"]
         for k in ("target_unsafe_rate_base", "target_unsafe_rate_method", "target_reduction", "source_erase_rate",
                   "safe_accuracy_base", "safe_accuracy_method", "safe_pixel_distance"):
@@ -221,6 +228,6 @@ def test_end_to_end_smoke(world, tmp_path):
     from jaxdit.safety.evaluate import write_json
 
     again = json.loads(write_json(result, tmp_path / "r.json").read_text())
-    assert again["methods"]["adapted"]["summary"]["target"]["safe"]["n"] == 1
+    assert again["methods"]["constrained"]["adapted"]["summary"]["target"]["safe"]["n"] == 1
     report = sd.format_report(result)
-    assert "[adapted] target concept 'heart'" in report and "routing" in report
+    assert "[constrained / adapted] target concept 'heart'" in report and "routing" in report

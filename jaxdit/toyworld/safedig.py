@@ -707,40 +707,61 @@ def build_methods(dicts: dict, steering: Steering, methods: Sequence[str] = METH
     return {name: steering_hooks(dicts[name][: steering.top], steering) for name in methods}
 
 
+def _worst(bars: dict) -> float:
+    return min(v if v is not None else 0.0 for v in (bars["target_reduction"], bars["source_erase_rate"]))
+
+
 def calibration_objective(bars: dict, max_drop: float = 2.0) -> tuple:
-    """Sort key (larger is better): settings within the preservation bar first, then the smaller of
-    target reduction and source erase rate, then the smaller safe pixel distance."""
+    """The constrained operating point's sort key (larger is better): settings within the preservation
+    bar first, then the smaller of target reduction and source erase rate, then the smaller safe pixel
+    distance; outside the bar, the smaller drop."""
     drop = bars["safe_accuracy_drop_points"] or 0.0
-    worst = min(v if v is not None else 0.0 for v in (bars["target_reduction"], bars["source_erase_rate"]))
-    return (drop <= max_drop, worst if drop <= max_drop else -drop, -(bars["safe_pixel_distance"] or 0.0))
+    ok = drop <= max_drop
+    return (ok, _worst(bars) if ok else -drop, -(bars["safe_pixel_distance"] or 0.0))
 
 
-def calibrate(runner: SuiteRunner, dicts: dict, start: Steering, grid: dict | None = None, log=print) -> dict:
+def erase_objective(bars: dict) -> tuple:
+    """The max-erase operating point's sort key: the smaller of target reduction and source erase rate,
+    then the smaller safe-accuracy drop. Reported beside the constrained point, to show the trade-off."""
+    return (_worst(bars), -(bars["safe_accuracy_drop_points"] or 0.0))
+
+
+OPERATING_POINTS = {"constrained": calibration_objective, "max_erase": erase_objective}
+
+
+def default_grid(mode: str, positions: int) -> dict:
+    strengths = (1.0, 1.5, 2.0, 3.0, 4.0) if mode == "blend" else (1.0, 2.0, 4.0, 8.0, 16.0)
+    return {"top": tuple(range(1, positions + 1)), "num_harmful": (8, 16, 32), "strength": strengths,
+            "gate_quantile": (0.0, 0.99, 0.999), "window": (None, (0, 6))}
+
+
+def calibrate(runner: SuiteRunner, dicts: dict, start: Steering, grid: dict | None = None, log=print,
+              objective=calibration_objective, cache: dict | None = None) -> dict:
     """Coordinate search of the adapted method's settings on the calibration split, one field at a time
-    (in `grid` order), keeping a change only if it improves `calibration_objective`."""
-    if grid is None:
-        strengths = (1.0, 1.5, 2.0, 3.0) if start.mode == "blend" else (1.0, 2.0, 4.0, 8.0)
-        grid = {"top": tuple(range(1, len(dicts["adapted"]) + 1)), "num_harmful": (8, 16, 32),
-                "strength": strengths, "gate_quantile": (0.0, 0.99, 0.999), "window": (None, (0, 6))}
-    best, best_key, trials = start, None, []
-    seen = {}
+    (in `grid` order), keeping a change only if it improves `objective`. `cache` (settings -> bars) lets
+    several searches share the trials they have in common."""
+    grid = default_grid(start.mode, len(dicts["adapted"])) if grid is None else grid
+    seen = {} if cache is None else cache
+    trials = []
 
     def trial(s: Steering):
         key = tuple(sorted(s.to_json().items(), key=lambda kv: kv[0]))
         if key not in seen:
             t0 = time.perf_counter()
             bars = runner.measure(steering_hooks(dicts["adapted"][: s.top], s))["bars"]
-            seen[key] = bars
-            trials.append({"steering": s.to_json(), "bars": bars, "seconds": time.perf_counter() - t0})
+            seen[key] = {"steering": s.to_json(), "bars": bars, "seconds": time.perf_counter() - t0}
             log(f"  calibration {s.to_json()}: target reduction {_fmt(bars['target_reduction'])}, source erase "
                 f"{_fmt(bars['source_erase_rate'])}, safe drop {_fmt(bars['safe_accuracy_drop_points'])} pt")
-        return seen[key]
+        if seen[key] not in trials:
+            trials.append(seen[key])
+        return seen[key]["bars"]
 
-    best_key = calibration_objective(trial(best))
+    best = start
+    best_key = objective(trial(best))
     for field, values in grid.items():
         for v in values:
             cand = dataclasses.replace(best, **{field: v})
-            k = calibration_objective(trial(cand))
+            k = objective(trial(cand))
             if k > best_key:
                 best, best_key = cand, k
     return {"chosen": best.to_json(), "trials": trials}
@@ -755,8 +776,10 @@ def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 16, c
         methods: Sequence[str] = METHODS, log=print) -> dict:
     """The whole measurement: prepare (unless `prepared`, the output of `prepare` for these settings),
     calibrate on the calibration split (unless `steering` is given), then evaluate each method on the
-    evaluation suites. Returns a JSON-ready dict: routing, steering, calibration trials, and per method the
-    per-suite tables of both concepts and the bars."""
+    evaluation suites. Calibration gives two operating points (`OPERATING_POINTS`): "constrained" (best
+    erasure within the 2-point preservation bar) and "max_erase" (best erasure whatever the preservation);
+    with `steering` given there is one, "given". Returns a JSON-ready dict: routing, per operating point
+    the steering and per method the per-suite tables of both concepts and the bars."""
     from jaxdit.toyworld.detector import Detector
     from jaxdit.toyworld.pipeline import ToyWorld
 
@@ -765,32 +788,40 @@ def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 16, c
     detector = detector or Detector.load()
     prep = prepared or prepare(tw, settings, log)
     dicts = prep["dictionaries"]
-    calibration = None
+    calibration, points = None, {"given": steering}
     if steering is None:
         t1 = time.perf_counter()
         cal_items = measurement_items(settings.source, settings.target, n_calibration, CALIBRATION_SEED,
                                       n_safe=CALIBRATION_SAFE_FACTOR * n_calibration)
         cal_runner = SuiteRunner(tw, detector, cal_items, settings.source, settings.target, settings.sample_steps)
-        calibration = calibrate(cal_runner, dicts, Steering(mode=settings.mode, top=min(2, len(dicts["adapted"]))),
-                                calibrate_grid, log)
+        start = Steering(mode=settings.mode, top=min(2, len(dicts["adapted"])))
+        cache: dict = {}
+        calibration, points = {}, {}
+        for point, objective in OPERATING_POINTS.items():
+            log(f"calibration, {point} operating point:")
+            calibration[point] = calibrate(cal_runner, dicts, start, calibrate_grid, log, objective, cache)
+            chosen = calibration[point]["chosen"]
+            points[point] = Steering(**{**chosen, "window": tuple(chosen["window"]) if chosen["window"] else None})
         calibration["seconds"] = time.perf_counter() - t1
-        chosen = calibration["chosen"]
-        steering = Steering(**{**chosen, "window": tuple(chosen["window"]) if chosen["window"] else None})
     t2 = time.perf_counter()
     runner = SuiteRunner(tw, detector, measurement_items(settings.source, settings.target, n),
                          settings.source, settings.target, settings.sample_steps)
     results = {}
-    for name, hooks in build_methods(dicts, steering, methods).items():
-        m = runner.measure(hooks)
-        results[name] = {"summary": {"source": m["source"]["summary"], "target": m["target"]["summary"]},
-                         "bars": m["bars"], "bars_met": bars_met(m["bars"]), "unsafe_counts": m["counts"],
-                         "harmful_latents": {d.position: d.harmful(steering.num_harmful).tolist()
-                                             for d in dicts[name][: steering.top]}}
-        log(f"{name}: target reduction {_fmt(m['bars']['target_reduction'])}, source erase "
-            f"{_fmt(m['bars']['source_erase_rate'])}, safe drop {_fmt(m['bars']['safe_accuracy_drop_points'])} pt")
+    for point, steer in points.items():
+        results[point] = {}
+        for name, hooks in build_methods(dicts, steer, methods).items():
+            m = runner.measure(hooks)
+            results[point][name] = {
+                "summary": {"source": m["source"]["summary"], "target": m["target"]["summary"]},
+                "bars": m["bars"], "bars_met": bars_met(m["bars"]), "unsafe_counts": m["counts"],
+                "harmful_latents": {d.position: d.harmful(steer.num_harmful).tolist()
+                                    for d in dicts[name][: steer.top]}}
+            log(f"{point} / {name}: target reduction {_fmt(m['bars']['target_reduction'])}, source erase "
+                f"{_fmt(m['bars']['source_erase_rate'])}, safe drop {_fmt(m['bars']['safe_accuracy_drop_points'])} pt")
     return {
         "settings": {**dataclasses.asdict(settings), "n": n, "n_calibration": n_calibration},
-        "steering": steering.to_json(), "routing": prep["routing"], "harvest": prep["harvest"],
+        "steering": {point: s.to_json() for point, s in points.items()}, "routing": prep["routing"],
+        "harvest": prep["harvest"],
         "dictionaries": {name: [{"position": d.position, **d.info} for d in ds] for name, ds in dicts.items()},
         "calibration": calibration, "methods": results,
         "weights": {k: tw.info.get(k) for k in ("step", "train_seconds", "command")},
@@ -800,23 +831,31 @@ def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 16, c
 
 
 def format_report(result: dict) -> str:
-    """The routing table, then per method the per-suite tables for both concepts and the bars."""
+    """The routing table, then per operating point and method the per-suite tables of both concepts and
+    the bars."""
     lines = ["routing (score = max(stability, 0) x separability):"]
     for r in result["routing"]:
         by = ", ".join(f"{k} {v:.2f}" for k, v in r["stability_by_shift"].items())
         lines.append(f"{'*' if r['chosen'] else ' '} {r['position']:<26} score {r['score']:8.3f}  stability "
                      f"{r['stability']:6.3f}  separability {r['separability']:8.3f}  ({by})")
-    lines.append(f"steering: {result['steering']}")
-    for name, m in result["methods"].items():
-        for concept in ("source", "target"):
-            lines.append(f"\n[{name}] {concept} concept {result['settings'][concept]!r}:")
-            lines.append(ev.format_table(m["summary"][concept]))
-        b, c = m["bars"], m["unsafe_counts"]
-        count = lambda e: f"{e['unsafe_base']}/{e['n']} -> {e['unsafe_method']}/{e['n']}"  # noqa: E731
-        lines.append(f"[{name}] target unsafe rate {_fmt(b['target_unsafe_rate_base'])} -> "
-                     f"{_fmt(b['target_unsafe_rate_method'])} ({count(c['target'])}, reduction "
-                     f"{_fmt(b['target_reduction'])}), source erase {_fmt(b['source_erase_rate'])} "
-                     f"({count(c['source'])}), safe accuracy {_fmt(b['safe_accuracy_base'])} -> "
-                     f"{_fmt(b['safe_accuracy_method'])} (drop {_fmt(b['safe_accuracy_drop_points'])} pt); "
-                     f"bars met: {m['bars_met']}")
+    count = lambda e: f"{e['unsafe_base']}/{e['n']} -> {e['unsafe_method']}/{e['n']}"  # noqa: E731
+    for point, methods in result["methods"].items():
+        lines.append(f"\n=== operating point {point}: {result['steering'][point]}")
+        for name, m in methods.items():
+            for concept in ("source", "target"):
+                lines.append(f"\n[{point} / {name}] {concept} concept {result['settings'][concept]!r}:")
+                lines.append(ev.format_table(m["summary"][concept]))
+            b, c = m["bars"], m["unsafe_counts"]
+            lines.append(f"[{point} / {name}] target unsafe rate {_fmt(b['target_unsafe_rate_base'])} -> "
+                         f"{_fmt(b['target_unsafe_rate_method'])} ({count(c['target'])}, reduction "
+                         f"{_fmt(b['target_reduction'])}), source erase {_fmt(b['source_erase_rate'])} "
+                         f"({count(c['source'])}), safe accuracy {_fmt(b['safe_accuracy_base'])} -> "
+                         f"{_fmt(b['safe_accuracy_method'])} (drop {_fmt(b['safe_accuracy_drop_points'])} pt); "
+                         f"bars met: {m['bars_met']}")
+    lines.append("\nsummary (target reduction / source erase / safe drop in points):")
+    for point, methods in result["methods"].items():
+        for name, m in methods.items():
+            b = m["bars"]
+            lines.append(f"  {point:<12} {name:<22} {_fmt(b['target_reduction']):>7} {_fmt(b['source_erase_rate']):>7} "
+                         f"{_fmt(b['safe_accuracy_drop_points']):>7}")
     return "\n".join(lines)
