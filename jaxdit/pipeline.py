@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdit import flux, hooks as hk, sampling, text, vae
 from jaxdit.convert.safetensors_io import CheckpointError
@@ -496,6 +498,9 @@ def load_pipeline(path, dtype: str | None = None, mesh=None, editing: bool = Fal
     cls = PIPELINES[name]
     if editing and cls is not FluxKontextPipeline:
         raise ValueError(f"{root}: editing needs a FLUX.1 Kontext pipeline, this folder holds a {name}")
+    if not editing and cls is FluxKontextPipeline:
+        raise ValueError(f"{root}: this folder holds a FLUX.1 Kontext pipeline, which edits an input image; "
+                         f"use `jaxdit edit --image IN` (or FluxKontextPipeline in Python)")
     return cls.from_pretrained(root, dtype=dtype, mesh=mesh)
 
 
@@ -517,34 +522,47 @@ def save_png(image, path) -> Path:
     return path
 
 
+_CAPTURE_SINKS: dict[int, tuple[set | None, dict]] = {}
+_CAPTURE_COUNTER = itertools.count()
+
+
+def _capture_to_host(caps, step, sink):
+    wanted, kept = _CAPTURE_SINKS[int(sink)]
+    if wanted is None or int(step) in wanted:
+        kept[int(step)] = {k: np.asarray(v) for k, v in caps.items()}
+
+
+@struct.dataclass
+class _Recorder:
+    """Controller bringing each step's captures to the host. `sink` (a traced int) names the dict they go
+    to, so one compiled loop serves every capture_run call with the same shapes."""
+
+    sink: jax.Array
+    capture: tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+    def init(self, batch, geometry):
+        return jnp.zeros((), jnp.int32)
+
+    def hooks(self, state, step, t, geometry):
+        return hk.Hooks(capture=self.capture)
+
+    def update(self, state, captures, step, t, geometry):
+        jax.debug.callback(_capture_to_host, dict(captures), step, self.sink, ordered=True)
+        return state
+
+
 def capture_run(pipe, *args, capture: Sequence[str], steps: Sequence[int] | None = None, **kwargs):
     """Run a pipeline once and bring the captured positions of the chosen steps to the host.
 
     Returns (pipeline output, {step: {position: numpy array}}). Captures travel out of the compiled loop
     through a host callback, so memory holds one step's captures at a time on the device.
     """
-    from flax import struct
-
-    wanted = None if steps is None else {int(s) for s in steps}
+    token = next(_CAPTURE_COUNTER)
     kept: dict[int, dict[str, np.ndarray]] = {}
-    hooks = hk.Hooks(capture=tuple(capture))
-
-    def host(caps, step):
-        if wanted is None or int(step) in wanted:
-            kept[int(step)] = {k: np.asarray(v) for k, v in caps.items()}
-
-    @struct.dataclass
-    class Recorder:
-        def init(self, batch, geometry):
-            return jnp.zeros((), jnp.int32)
-
-        def hooks(self, state, step, t, geometry):
-            return hooks
-
-        def update(self, state, captures, step, t, geometry):
-            jax.debug.callback(host, dict(captures), step, ordered=True)
-            return state
-
-    out = pipe(*args, controller=Recorder(), **kwargs)
-    jax.effects_barrier()
+    _CAPTURE_SINKS[token] = (None if steps is None else {int(s) for s in steps}, kept)
+    try:
+        out = pipe(*args, controller=_Recorder(jnp.int32(token), tuple(capture)), **kwargs)
+        jax.effects_barrier()
+    finally:
+        del _CAPTURE_SINKS[token]
     return out, kept

@@ -131,6 +131,9 @@ def test_cli_edit_with_kontext(tmp_path):
                  "--steps", "2", "--size", "32", "--no-auto-resize", "--max-sequence-length", "8"]) == 0
     with Image.open(out) as im:
         assert im.size == (32, 32)
+    # generate on a Kontext folder: one clear line pointing to `edit`, no output written
+    assert main(["generate", "--model", str(path), "--prompt", "a cat", "--out", str(tmp_path / "g.png")]) == 2
+    assert not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2", "vae", "pipeline"])
