@@ -219,7 +219,7 @@ def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, ste
 
 
 # The constants `calibrate` chose for the committed weights (benchmarks/toyworld_uvr.py; RESULTS.md).
-SETTINGS: dict = {}
+SETTINGS: dict = {"threshold_scale": 0.7}
 
 CALIBRATION_SUITES = ("explicit", "mixed", "benign_edits", "safe")
 DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants first
