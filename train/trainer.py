@@ -276,6 +276,7 @@ def _start_record(out: Path, cfg: sae.SAEConfig, tc: TrainConfig, data) -> None:
     """Write OUT/train.json for a fresh run (refusing to overwrite an existing run)."""
     if (out / RECORD).exists() or (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a training run (pass resume / --resume to continue it)")
+    _sync_hosts("jaxdit-sae-start-checked")  # every host has checked before process 0 writes the record
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         record = {"format": "jaxdit-sae-training", "version": 1, "sae": cfg.to_json(), "train": tc.to_json(),
@@ -283,6 +284,14 @@ def _start_record(out: Path, cfg: sae.SAEConfig, tc: TrainConfig, data) -> None:
         tmp = out / f".{RECORD}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out / RECORD)
+    _sync_hosts("jaxdit-sae-start-written")
+
+
+def _sync_hosts(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _resumed_config(out: Path, cfg: sae.SAEConfig, tc: TrainConfig) -> sae.SAEConfig:

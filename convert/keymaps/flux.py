@@ -101,7 +101,8 @@ def infer_original_config(source) -> FluxConfig:
     axes = (16, 56, 56) if head_dim == 128 else None
     if axes is None:
         raise CheckpointError(f"{source.path}: head_dim {head_dim} is not FLUX.1's 128; RoPE axes cannot be "
-                              "inferred from the weights. Pass a config (--config / config=...).")
+                              "inferred from the weights. Pass config=... to load_transformer / convert "
+                              "(jaxdit.convert), or convert the diffusers folder with its config.json.")
     out_channels = shape("final_layer.linear.weight")[0]
     return FluxConfig(
         in_channels=in_channels,

@@ -147,7 +147,8 @@ def infer_original_config(source) -> SD3Config:
     else:
         raise CheckpointError(f"{source.path}: no qk-norm weights to read the head size from, and hidden size "
                               f"{hidden} is not a multiple of the depth {depth}. "
-                              "Pass a config (--config / config=...).")
+                              "Pass config=... to load_transformer / convert (jaxdit.convert), or convert the "
+                              "diffusers folder with its config.json.")
     table = shape("pos_embed")[1]
     max_size = int(round(table ** 0.5))
     if max_size * max_size != table:
