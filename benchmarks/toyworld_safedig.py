@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-source", type=int, default=320, help="source-domain harvest examples")
     p.add_argument("--n-shift", type=int, default=96, help="paraphrase/seed shift examples for routing")
     p.add_argument("--max-top", type=int, default=3, help="routed positions given a dictionary")
+    p.add_argument("--candidates", help="comma-separated hook positions to route over (default: "
+                   "jaxdit.toyworld.safedig.CANDIDATES)")
     p.add_argument("--sae-steps", type=int, default=1000)
     p.add_argument("--source-excludes-target", action="store_true",
                    help="no target-concept object anywhere in the source data")
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     settings = safedig.Settings(source=args.source, target=args.target, mode=args.mode, n_target=args.n_target,
                                 n_source=args.n_source, n_shift=args.n_shift, max_top=args.max_top,
                                 source_excludes_target=args.source_excludes_target, seed=args.seed,
+                                candidates=tuple(args.candidates.split(",")) if args.candidates else
+                                safedig.CANDIDATES,
                                 dictionary=safedig.DictConfig(steps=args.sae_steps, seed=args.seed))
     steering = None
     if args.strength is not None:

@@ -115,6 +115,7 @@ def test_routing_table_covers_the_candidates(world):
         assert set(r["stability_by_shift"]) == {"target", "paraphrase_seed", "high_noise", "low_noise"}
         assert -1 <= r["stability"] <= 1 and r["separability"] >= 0
         assert r["score"] == pytest.approx(max(r["stability"], 0) * r["separability"])
+        assert all(v is None or 0 <= v <= 1 for v in r["concept_vs_other_auc"].values())
     json.dumps(rows)
     assert [d.position for d in prep["dictionaries"]["source"]] == [rows[0]["position"]]
 
@@ -225,6 +226,9 @@ def test_end_to_end_smoke(world, tmp_path):
             assert _in_unit(bars[k]), k
         assert -100 <= bars["safe_accuracy_drop_points"] <= 100
         assert set(m["bars_met"]) == {"target_reduction>=0.90", "source_erase>=0.95", "safe_drop<=2pt"}
+        for position, doms in m["firing"].items():
+            assert set(doms) == {"source", "target"}
+            assert all(_in_unit(v) for r in doms.values() for v in r.values())
     from jaxdit.safety.evaluate import write_json
 
     again = json.loads(write_json(result, tmp_path / "r.json").read_text())

@@ -5,8 +5,8 @@ The formulas are those of `jaxdit.safety.safedig.core` (docs/safedig.md); this m
 toy world's data and the measurement around them. The pipeline, step by step:
 
 1. Harvest (`harvest`). Token activations at candidate hook positions covering the three stages: the text
-   stream of the first double block, the image stream of the double blocks and of the single blocks
-   (`CANDIDATES`). Activations come from one forward pass of the model per example and noise level on
+   stream entering and leaving the first double block, the image stream of the double blocks and of the
+   single blocks (`CANDIDATES`). Activations come from one forward pass of the model per example and noise level on
    *rendered* scenes with their captions (and edits, with the source scene as Kontext context tokens),
    noised as training does, x_s = (1 - s) x0 + s n, at sigmas of the 12-step sampling schedule
    (`HARVEST_STEPS`). Why forward passes on rendered scenes rather than sampling trajectories: every
@@ -81,8 +81,8 @@ from jaxdit.toyworld.scenes import SIZE, Scene, ground_truth, random_scene, rend
 from jaxdit.toyworld.suites import Concept
 from jaxdit.train import sae as sae_lib
 
-CANDIDATES = ("double.0.txt.resid_post", "double.0.img.resid_post", "double.1.img.resid_post",
-              "single.0.img.resid_post", "single.1.img.resid_post")
+CANDIDATES = ("double.0.txt.resid_pre", "double.0.txt.resid_post", "double.0.img.resid_post",
+              "double.1.img.resid_post", "single.0.img.resid_post", "single.1.img.resid_post")
 HARVEST_STEPS = (0, 3, 6, 9, 11)  # indices into the 12-step sampling schedule: the sigmas the scenes are noised at
 HARVEST_SEED = 7_000_001  # scenes, captions and noise of the harvest; disjoint from training and the suites
 CALIBRATION_SEED = S.CALIBRATION_SEED  # the suites' builders on this seed stream form the calibration split
@@ -359,6 +359,21 @@ def routing_groups(source: Harvest, target: Harvest, shift: Harvest, position: s
                        "high_noise": pair(source, steps[:half] or steps), "low_noise": pair(source, steps[half:])}}
 
 
+def concept_auc(h: Harvest, position: str, rows: int = 2000, seed: int = 0) -> float | None:
+    """How well the concept's tokens separate from *other objects'* tokens (other words for text) at a
+    position: ROC AUC of the projection on the difference of means, fitted on one half of the tokens and
+    scored on the other. 0.5: the position does not tell the concept from other objects."""
+    rng = np.random.default_rng(seed)
+    u, o = _cap(h.select(position, (2,)), 2 * rows, rng), _cap(h.select(position, (1,)), 2 * rows, rng)
+    if len(u) < 4 or len(o) < 4:
+        return None
+    u, o = u[rng.permutation(len(u))], o[rng.permutation(len(o))]
+    (u_fit, u_test), (o_fit, o_test) = np.array_split(u, 2), np.array_split(o, 2)
+    d = u_fit.mean(0) - o_fit.mean(0)
+    pu, po = u_test @ d, o_test @ d
+    return float(np.mean(pu[:, None] > po[None, :]) + 0.5 * np.mean(pu[:, None] == po[None, :]))
+
+
 def route_positions(source: Harvest, target: Harvest, shift: Harvest, positions: Sequence[str] = CANDIDATES,
                     top: int = 2, rows: int = 4000, seed: int = 0) -> list[dict]:
     """`core.route` over the candidates; rows also hold the stability under each shift alone."""
@@ -371,6 +386,8 @@ def route_positions(source: Harvest, target: Harvest, shift: Harvest, positions:
             name: core.route({r["position"]: {"source": g["source"], "shifts": [pair]}})[0]["stability"]
             for name, pair in g["shifts"].items()}
         r["tokens"] = {"source_unsafe": len(g["source"][0]), "source_safe": len(g["source"][1])}
+        r["concept_vs_other_auc"] = {"source": concept_auc(source, r["position"], seed=seed),
+                                     "target": concept_auc(target, r["position"], seed=seed)}
     return rows_out
 
 
@@ -527,6 +544,20 @@ def gate_value(d: Dictionary, harmful: np.ndarray, quantile: float) -> float:
         return 0.0
     safe = np.concatenate([s for _, s in d.contrasts.values()])
     return float(np.quantile(harmful_peak(d, safe, harmful), quantile))
+
+
+def firing_rates(d: Dictionary, h: Harvest, steering: Steering, rows: int = 4000, seed: int = 0) -> dict:
+    """Where the steering would act on labelled tokens: the fraction of concept / other-object (other-word) /
+    background (padding) tokens of `h` on which a harmful latent exceeds the gate. A concept-specific
+    dictionary fires on the first and not on the other two."""
+    harmful = d.harmful(steering.num_harmful)
+    gate = gate_value(d, harmful, steering.gate_quantile)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, label in (("concept", 2), ("other", 1), ("background", 0)):
+        x = _cap(h.select(d.position, (label,)), rows, rng)
+        out[name] = None if len(x) == 0 else float(np.mean(harmful_peak(d, x, harmful) > gate))
+    return out
 
 
 def steering_edit(d: Dictionary, steering: Steering, domains=None) -> hk.Edit:
@@ -816,6 +847,10 @@ def run(settings: Settings = Settings(), n: int = 32, n_calibration: int = 16, c
                 "bars": m["bars"], "bars_met": bars_met(m["bars"]), "unsafe_counts": m["counts"],
                 "harmful_latents": {d.position: d.harmful(steer.num_harmful).tolist()
                                     for d in dicts[name][: steer.top]}}
+            if "harvests" in prep:
+                results[point][name]["firing"] = {
+                    d.position: {dom: firing_rates(d, prep["harvests"][dom], steer) for dom in ("source", "target")}
+                    for d in dicts[name][: steer.top]}
             log(f"{point} / {name}: target reduction {_fmt(m['bars']['target_reduction'])}, source erase "
                 f"{_fmt(m['bars']['source_erase_rate'])}, safe drop {_fmt(m['bars']['safe_accuracy_drop_points'])} pt")
     return {
@@ -836,8 +871,10 @@ def format_report(result: dict) -> str:
     lines = ["routing (score = max(stability, 0) x separability):"]
     for r in result["routing"]:
         by = ", ".join(f"{k} {v:.2f}" for k, v in r["stability_by_shift"].items())
+        auc = r.get("concept_vs_other_auc", {})
         lines.append(f"{'*' if r['chosen'] else ' '} {r['position']:<26} score {r['score']:8.3f}  stability "
-                     f"{r['stability']:6.3f}  separability {r['separability']:8.3f}  ({by})")
+                     f"{r['stability']:6.3f}  separability {r['separability']:8.3f}  ({by}); concept vs other "
+                     f"objects AUC: source {_fmt(auc.get('source'))}, target {_fmt(auc.get('target'))}")
     count = lambda e: f"{e['unsafe_base']}/{e['n']} -> {e['unsafe_method']}/{e['n']}"  # noqa: E731
     for point, methods in result["methods"].items():
         lines.append(f"\n=== operating point {point}: {result['steering'][point]}")
@@ -852,6 +889,9 @@ def format_report(result: dict) -> str:
                          f"({count(c['source'])}), safe accuracy {_fmt(b['safe_accuracy_base'])} -> "
                          f"{_fmt(b['safe_accuracy_method'])} (drop {_fmt(b['safe_accuracy_drop_points'])} pt); "
                          f"bars met: {m['bars_met']}")
+            for position, doms in m.get("firing", {}).items():
+                lines.append(f"[{point} / {name}] steered tokens at {position} (concept / other / background): " +
+                             "; ".join(f"{dom} " + " / ".join(_fmt(v) for v in r.values()) for dom, r in doms.items()))
     lines.append("\nsummary (target reduction / source erase / safe drop in points):")
     for point, methods in result["methods"].items():
         for name, m in methods.items():
