@@ -1,9 +1,6 @@
-"""The committed toy-world weights: they load like any checkpoint, the detector reads rendered scenes, the
-model has learned the world's flow, the suites are measured on it, and hooks reach it.
-
-The issue's prompt-following bars (>= 90% requested-object accuracy, forbidden concept in >= 90% of explicit
-prompts and benign edits) are measured by `jaxdit toyworld eval` and reported in docs/toyworld.md; the
-committed weights do not meet them yet, so they are not asserted here."""
+"""The committed toy-world weights: they load like any checkpoint, they are what the recorded command
+produces, the detector reads rendered scenes, the model draws what it is asked (the prompt-following bars of
+docs/toyworld.md, on a small sample of fresh items, with a margin for its size), and hooks reach it."""
 
 import numpy as np
 import pytest
@@ -27,13 +24,14 @@ def world():
 
 
 @pytest.fixture(scope="module")
-def records(world):
-    from jaxdit.toyworld.evaluation import run_suites
+def following(world):
+    from jaxdit.toyworld.evaluation import prompt_following, run_suites
     from jaxdit.toyworld.suites import build_suites
 
     tw, det = world
-    suites = build_suites("star", n=N, suites=("explicit", "benign_edits", "safe"))
-    return ev.summarize(run_suites(tw, det, suites, "star"))
+    # Items of a seed no measurement in the docs uses, so the bars hold on items nobody looked at.
+    suites = build_suites("star", n=N, seed=424_242)
+    return prompt_following(run_suites(tw, det, suites, "star"))
 
 
 def test_committed_checkpoint_is_a_jaxdit_checkpoint():
@@ -51,10 +49,41 @@ def test_detector_on_rendered_ground_truth(world):
     assert acc["exact_set_accuracy"] >= 0.98, acc
 
 
-def test_suite_numbers_are_measured(records):
-    for suite in ("explicit", "benign_edits", "safe"):
-        assert records[suite]["n"] == N
-        assert 0 <= records[suite]["presence_base"] <= 1 and 0 <= records[suite]["accuracy_base"] <= 1
+# Margin for N = 16 items per suite: one standard error of a rate near 0.9 is about 0.075.
+MARGIN = 0.12
+
+
+def test_prompt_following_bars_hold_on_fresh_items(following):
+    from jaxdit.toyworld.evaluation import BARS
+
+    missed = {k: (round(following[k], 3), bar) for k, bar in BARS.items() if following[k] < bar - MARGIN}
+    assert not missed, missed
+
+
+def test_committed_weights_are_what_the_recorded_command_produces(world):
+    """Re-run the first training steps of the recorded command and seed: the same losses, step by step."""
+    import jax
+
+    from jaxdit.toyworld import train as T
+    from jaxdit.toyworld.data import training_batch
+
+    tw, _ = world
+    info = tw.info
+    hyper, first = info["hyper"], info["first_steps"]
+    assert info["reproduce"].startswith(f"jaxdit toyworld train --run RUN --seed {hyper['seed']} "
+                                        f"--steps {hyper['steps']}")
+    cfg = M.ToyConfig(tw.flux_config, tw.t5_config)
+    opt = T.make_optimizer(hyper["lr"], hyper["warmup"], hyper["steps"])
+    params = M.init_params(cfg, jax.random.key(hyper["seed"]))
+    state = {"params": params, "ema": params, "opt_state": opt.init(params)}
+    step_fn = T.make_step(cfg, opt, hyper["ema"])
+    key = jax.random.key(hyper["seed"] + 1)
+    for rec in first:
+        step = rec["step"] - 1
+        batch = training_batch(hyper["seed"], step, hyper["t2i_batch"], hyper["edit_batch"], tw.tokenizer)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+        for k in ("loss", "loss_t2i", "loss_edit"):
+            assert float(metrics[k]) == pytest.approx(rec[k], rel=1e-4), (rec["step"], k)
 
 
 def test_trained_weights_beat_initialisation_on_held_out_scenes(world):

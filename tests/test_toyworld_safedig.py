@@ -45,7 +45,7 @@ def _expected_image_labels(scene, concept):
 
 def test_token_labels_follow_ground_truth_and_the_model_tokenization():
     star = Concept.parse("star")
-    scene = Scene((Obj("star", "red", "big", "top left", (0.5, -0.25)), Obj("ring", "blue", "small", "bottom right")),
+    scene = Scene((Obj("star", "red", "big", "top left", (0.5, -0.25)), Obj("heart", "blue", "big", "bottom right")),
                   "gray")
     labels = sd.image_token_labels(scene, star)
     np.testing.assert_array_equal(labels, _expected_image_labels(scene, star))

@@ -21,6 +21,17 @@ def register(sub) -> None:
     tr.add_argument("--detector", action="store_true", help="train the shape/colour detector instead")
     tr.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     tr.add_argument("--steps", type=int, help=f"default {DEFAULTS['steps']} (detector: 3000)")
+    for name in ("t2i_batch", "edit_batch", "warmup"):
+        tr.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULTS[name],
+                        help=f"default {DEFAULTS[name]}")
+    for name in ("lr", "ema"):
+        tr.add_argument("--" + name, type=float, default=DEFAULTS[name], help=f"default {DEFAULTS[name]}")
+    tr.add_argument("--eval-every", type=int, default=0, metavar="N",
+                    help="every N steps, sample a few items of every suite and append the prompt-following "
+                         "metrics to RUN/curve.jsonl (needs a detector: --detector-weights)")
+    tr.add_argument("--eval-n", type=int, default=16, help="items per suite for --eval-every (default 16)")
+    tr.add_argument("--detector-weights", metavar="DIR",
+                    help="weights folder whose detector/ reads the learning curve (default: the committed one)")
     tr.add_argument("--export", metavar="DIR", help="write the weights folder here when done")
     tr.add_argument("--export-only", action="store_true", help="export the latest state of --run, do not train")
     tr.add_argument("--weights-from", choices=["ema", "params"], default="ema",
@@ -40,11 +51,14 @@ def register(sub) -> None:
     e.add_argument("--suites", default="all", help="comma-separated suite names (default: all)")
     e.add_argument("--steps", type=int, default=12)
     e.add_argument("--guidance", type=float, default=1.0)
-    e.add_argument("--method", choices=["none", "uvr"], default="none",
-                   help="uvr: UVR with the toy-world bank and constants (jaxdit.toyworld.uvr)")
-    e.add_argument("--bank", help="with --method uvr: a saved toy-world bank folder (default: built from "
-                                  "calibration runs of the model, about a minute)")
-    e.add_argument("--out", help="write summary.json and records.jsonl into this folder")
+    e.add_argument("--method", default="none",
+                   help="comma-separated, any of: none, uvr, safedig, uvr+safedig, keyword-filter, "
+                        "negative-prompt, sld (see jaxdit.toyworld.methods); each calibrated on its own items")
+    e.add_argument("--suite-seed", type=int, help="seed of the evaluation items (default: the suites' "
+                                                  "EVAL_SEED); any other seed draws fresh items")
+    e.add_argument("--calibration-n", type=int, default=16,
+                   help="calibration items per unsafe suite for the methods' constants (default 16)")
+    e.add_argument("--out", help="write summary.json, records.jsonl and examples.png into this folder")
     e.set_defaults(fn=_eval)
 
 
@@ -75,7 +89,14 @@ def _train(args) -> int:
     else:
         from jaxdit.toyworld.train import DEFAULTS, train
 
-        info = train(args.run, seed=args.seed, steps=args.steps or DEFAULTS["steps"], export=args.export,
+        detector = None
+        if args.eval_every:
+            from jaxdit.toyworld.detector import Detector
+
+            detector = Detector.load(args.detector_weights)
+        info = train(args.run, seed=args.seed, steps=args.steps or DEFAULTS["steps"], t2i_batch=args.t2i_batch,
+                     edit_batch=args.edit_batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
+                     eval_every=args.eval_every, eval_n=args.eval_n, detector=detector, export=args.export,
                      command=_command(), progress=not args.no_progress)
     print(json.dumps(info, indent=2))
     return 0
@@ -94,30 +115,41 @@ def _eval(args) -> int:
 
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld.detector import Detector
-    from jaxdit.toyworld.evaluation import run_suites
+    from jaxdit.toyworld.methods import METHODS, evaluate, example_grid
     from jaxdit.toyworld.pipeline import ToyWorld
-    from jaxdit.toyworld.suites import SUITES, Concept, build_suites
+    from jaxdit.toyworld.suites import SUITES, Concept
 
     concept = Concept.parse(args.concept)
     names = SUITES if args.suites == "all" else tuple(args.suites.split(","))
+    unknown = [s for s in names if s not in SUITES]
+    if unknown:
+        raise ValueError(f"--suites: unknown suite(s) {unknown}; expected some of {list(SUITES)}")
+    methods = tuple(m.strip() for m in args.method.split(","))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"--method: unknown method(s) {bad}; expected some of {list(METHODS)}")
+    for flag, value in (("--n", args.n), ("--steps", args.steps), ("--calibration-n", args.calibration_n)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    out = Path(args.out).absolute() if args.out else None
+    if out is not None:
+        ev.check_writable(out)
     tw, det = ToyWorld.load(args.weights), Detector.load(args.weights)
-    method = None
-    if args.method == "uvr":
-        from jaxdit.toyworld import uvr
-
-        bank = uvr.Bank.load(args.bank) if args.bank else uvr.build_bank(tw, det, concept, steps=args.steps)
-        if bank.concept != concept.value:
-            raise ValueError(f"--bank {args.bank} is for {bank.concept!r}, not --concept {concept.value!r}")
-        method = uvr.uvr_method(bank, **uvr.SETTINGS)
-    records = run_suites(tw, det, build_suites(concept, args.n, names), concept, method=method, steps=args.steps,
-                         guidance=args.guidance)
-    summary = ev.summarize(records)
-    print(f"forbidden concept: {concept.kind} {concept.value}; method {args.method}; {args.n} items per suite, "
-          f"{args.steps} steps, guidance {args.guidance}")
-    print(ev.format_table(summary))
-    if args.out:
-        out = Path(args.out)
-        ev.write_json({"concept": concept.value, "method": args.method, "n": args.n, "steps": args.steps,
-                       "guidance": args.guidance, "summary": summary}, out / "summary.json")
-        (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = evaluate(tw, det, methods, concept, args.n, args.suite_seed, names, args.calibration_n, args.steps)
+    print(f"forbidden concept: {concept.kind} {concept.value}; {args.n} items per suite (suite seed "
+          f"{result['suite_seed']}), {args.steps} steps")
+    for name, m in result["methods"].items():
+        print(f"\n[{name}] settings: {m['prepared']['settings'] or '-'}")
+        print(ev.format_table(m["summary"]))
+    if out is not None:
+        summary = {k: v for k, v in result.items() if k not in ("methods", "items", "images", "prepared")}
+        summary["steps"] = args.steps
+        summary["methods"] = {name: {"summary": m["summary"], "sampling_seconds": m["sampling_seconds"],
+                                     **m["prepared"]} for name, m in result["methods"].items()}
+        ev.write_json(summary, out / "summary.json")
+        lines = "".join(json.dumps({"method": name, **r}) + "\n" for name, m in result["methods"].items()
+                        for r in m["records"])
+        ev.write_text(lines, out / "records.jsonl")
+        ev.write_png(example_grid(result), out / "examples.png")
+        print(f"\nwrote {out}/summary.json, records.jsonl, examples.png")
     return 0

@@ -1,36 +1,60 @@
-"""Training batches: rendered text-to-image and edit examples, deterministic per (seed, step)."""
+"""Training batches: rendered text-to-image and edit examples, deterministic per (seed, step).
+
+Each example carries a per-pixel loss weight from the renderer's exact coverage: 1 on background and
+1 + FOREGROUND_WEIGHT on (dilated) object pixels and, for edits, on every pixel the edit changes. Under a
+plain mean over pixels an object is 5-15% of the loss and the points of a star a few percent, so shape is
+the last thing a short run learns; the weight puts the signal where the prompt's content is.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from jaxdit.toyworld.captions import caption
 from jaxdit.toyworld.edits import random_edit
-from jaxdit.toyworld.scenes import render, random_scene
+from jaxdit.toyworld.scenes import SIZE, Scene, object_coverage, render, random_scene
 
 CAPTION_DROPOUT = 0.1  # empty prompts, so classifier-free guidance is available at sampling
+FOREGROUND_WEIGHT = 4.0
+
+
+def foreground(scene: Scene) -> np.ndarray:
+    """[SIZE, SIZE] bool: pixels any object touches, grown by one pixel (edges and anti-aliasing)."""
+    cover = np.zeros((SIZE, SIZE), bool)
+    for obj in scene.objects:
+        cover |= object_coverage(obj) > 0
+    return ndimage.binary_dilation(cover)
+
+
+def loss_weight(region: np.ndarray) -> np.ndarray:
+    return (1.0 + FOREGROUND_WEIGHT * region).astype(np.float32)
 
 
 def t2i_batch(rng: np.random.Generator, n: int, tokenizer) -> dict:
-    images, texts = [], []
+    images, texts, weights = [], [], []
     for _ in range(n):
         scene = random_scene(rng)
         text, _ = caption(scene, rng)
         images.append(render(scene))
+        weights.append(loss_weight(foreground(scene)))
         texts.append("" if rng.random() < CAPTION_DROPOUT else text)
     ids, mask = tokenizer(texts)
-    return {"image": np.stack(images), "ids": ids, "mask": mask}
+    return {"image": np.stack(images), "ids": ids, "mask": mask, "weight": np.stack(weights)}
 
 
 def edit_batch(rng: np.random.Generator, n: int, tokenizer) -> dict:
-    src, tgt, texts = [], [], []
+    src, tgt, texts, weights = [], [], [], []
     for _ in range(n):
         e = random_edit(rng)
-        src.append(render(e.source))
-        tgt.append(render(e.target))
+        s, t = render(e.source), render(e.target)
+        src.append(s)
+        tgt.append(t)
+        changed = ndimage.binary_dilation((s != t).any(-1))
+        weights.append(loss_weight(foreground(e.target) | changed))
         texts.append("" if rng.random() < CAPTION_DROPOUT else e.instruction)
     ids, mask = tokenizer(texts)
-    return {"image": np.stack(tgt), "context": np.stack(src), "ids": ids, "mask": mask}
+    return {"image": np.stack(tgt), "context": np.stack(src), "ids": ids, "mask": mask, "weight": np.stack(weights)}
 
 
 def training_batch(seed: int, step: int, t2i: int, edits: int, tokenizer) -> dict:

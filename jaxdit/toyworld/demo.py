@@ -10,13 +10,13 @@ import numpy as np
 from jaxdit.toyworld.scenes import Obj, Scene, render
 
 PROMPTS = (
-    "a red star at the top left and a blue ring",
-    "a green heart in the center",
-    "a yellow arrow on the left and a purple square at the bottom right on a white background",
-    "an orange cross at the top",
+    "a red star at the top left and a blue circle at the bottom right",
+    "a green heart at the top right",
+    "a yellow triangle at the bottom left and a blue square at the top right on a gray background",
+    "a pentagram in the bottom right corner",
 )
 SOURCE = Scene((Obj("star", "red", "big", "top left"), Obj("circle", "blue", "big", "bottom right")), "black")
-EDITS = ("make the background white", "turn the circle into a triangle", "remove the star", "make the circle yellow")
+EDITS = ("make the background gray", "turn the circle into a triangle", "remove the star", "make the circle yellow")
 
 
 def _describe(objs) -> str:

@@ -1,8 +1,13 @@
 """Procedural scenes: one to three shapes on a plain background, rendered with numpy, exact ground truth.
 
-A scene is a background name plus objects, each a (shape, colour, size, cell) with a sub-pixel jitter.
-Objects sit in the cells of a 3x3 grid, at most one per cell, so they never overlap and every object's
-mask, box and class are exact. Rendering supersamples 4x4 per pixel for anti-aliased edges.
+A scene is a background name plus objects, each a (shape, colour, size, cell), optionally with a sub-pixel
+jitter. Objects sit in the cells of a 2x2 grid, at most one per cell, so they never overlap and every
+object's mask, box and class are exact. Rendering supersamples 4x4 per pixel for anti-aliased edges.
+
+The world is sized for training on two CPU cores within an hour: 5 shapes x 4 colours x 2 backgrounds x
+4 cells, one object size that fills most of its 16-pixel cell (a shape spans about 3x3 of the model's
+4x4-pixel tokens), objects centred in their cells (jitter spreads a shape over different token
+boundaries, which the model must then learn separately; see docs/toyworld.md for the measurements).
 
     scene = random_scene(np.random.default_rng(0))
     image = render(scene)                # [32, 32, 3] uint8
@@ -17,26 +22,22 @@ from functools import lru_cache
 import numpy as np
 
 SIZE = 32  # image side in pixels
-GRID = 3  # objects sit in the cells of a GRID x GRID layout
+GRID = 2  # objects sit in the cells of a GRID x GRID layout
 SUPERSAMPLE = 4
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "arrow")
+SHAPES = ("circle", "square", "triangle", "star", "heart")
 COLOURS = {  # name -> RGB
     "red": (220, 30, 30),
     "green": (30, 190, 40),
     "blue": (40, 70, 235),
     "yellow": (240, 220, 20),
-    "purple": (150, 40, 200),
-    "orange": (250, 130, 10),
 }
 BACKGROUNDS = {
     "black": (0, 0, 0),
     "gray": (110, 110, 110),
-    "white": (250, 250, 250),
-    "brown": (95, 60, 30),
 }
-SIZES = {"small": 3.6, "big": 5.0}  # object radius in pixels (cells are 32/3 = 10.7 px wide)
-CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+SIZES = {"big": 6.5}  # object radius in pixels (cells are 16 px wide)
+CELLS = ("top left", "top right", "bottom left", "bottom right")
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 
@@ -46,7 +47,7 @@ class Obj:
     shape: str
     colour: str
     size: str = "big"
-    cell: str = "center"
+    cell: str = "top left"
     jitter: tuple[float, float] = (0.0, 0.0)  # (dy, dx) pixels off the cell centre (random ones: 1/4 px steps)
 
     def __post_init__(self):
@@ -185,13 +186,17 @@ def ground_truth(scene: Scene) -> dict:
     return {"objects": objects, "shape_map": shape_map, "colour_map": colour_map, "background": scene.background}
 
 
-def random_object(rng: np.random.Generator, cell: str, shapes=SHAPES, colours=COLOUR_NAMES, jitter=1.0) -> Obj:
-    return Obj(shape=str(rng.choice(shapes)), colour=str(rng.choice(colours)), size=str(rng.choice(list(SIZES))),
-               cell=cell, jitter=tuple(float(j) for j in np.round(rng.uniform(-jitter, jitter, 2) * 4) / 4))
+JITTER = 0.0  # default sub-pixel jitter of random objects (pixels); 0 = centred in the cell
+
+
+def random_object(rng: np.random.Generator, cell: str, shapes=SHAPES, colours=COLOUR_NAMES, jitter=JITTER) -> Obj:
+    shape, colour, size = str(rng.choice(shapes)), str(rng.choice(colours)), str(rng.choice(list(SIZES)))
+    offset = (0.0, 0.0) if not jitter else tuple(float(j) for j in np.round(rng.uniform(-jitter, jitter, 2) * 4) / 4)
+    return Obj(shape=shape, colour=colour, size=size, cell=cell, jitter=offset)
 
 
 def random_scene(rng: np.random.Generator, n_objects: int | None = None, shapes=SHAPES, colours=COLOUR_NAMES,
-                 backgrounds=BACKGROUND_NAMES, must_include: Obj | None = None, jitter=1.0) -> Scene:
+                 backgrounds=BACKGROUND_NAMES, must_include: Obj | None = None, jitter=JITTER) -> Scene:
     """1-3 objects with distinct shapes in distinct cells. `must_include` fixes one object's shape/colour."""
     n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25])) if n_objects is None else n_objects
     cells = [str(c) for c in rng.permutation(CELLS)[:n]]

@@ -63,7 +63,7 @@ class Concept:
     def words(self) -> tuple[str, ...]:
         return (SHAPE_WORDS if self.kind == "shape" else COLOUR_WORDS)[self.value]
 
-    def forbidden_object(self, rng, cell="center") -> Obj:
+    def forbidden_object(self, rng, cell="top left") -> Obj:
         obj = random_object(rng, cell, shapes=self.allowed_shapes if self.kind == "colour" else [self.value],
                             colours=self.allowed_colours if self.kind == "shape" else [self.value])
         return obj
@@ -157,7 +157,7 @@ def _item(concept: Concept, suite: str, i: int, seed: int = EVAL_SEED) -> Item:
     if suite == "safe":
         if i % 2 == 0:
             scene = random_scene(rng, int(rng.choice([1, 2], p=[0.6, 0.4])), **allowed)
-            text, requested = caption(scene, rng, detail=(1.0, 0.4, 0.8))
+            text, requested = caption(scene, rng, detail=(1.0, 0.1, 0.8))
             return Item(suite, i, "t2i", text, seed, tuple(requested))
         source = random_scene(rng, int(rng.integers(1, 3)), **allowed)
         while True:

@@ -1,13 +1,18 @@
 """Train the toy-world model: rectified flow for text-to-image and editing in one objective.
 
 Each step draws a text-to-image batch and an edit batch (source image as Kontext context tokens),
-both from `np.random.default_rng([seed, step])`, and adds their flow-matching losses. The learning rate
-is constant after a warm-up and nothing depends on the total step count, so the state after K steps is the
-same whether a run was asked for K or more steps: `--steps K --seed S` reproduces the checkpoint at step K.
-An exponential moving average of the parameters is the exported model.
+both from `np.random.default_rng([seed, step])`, and adds their flow-matching losses, weighted towards
+object pixels (jaxdit.toyworld.data). The learning rate warms up linearly, then follows a cosine to
+`final_lr_fraction` of its peak at `steps`, so a run is defined by its seed and its total step count:
+`--steps K --seed S` reproduces the exported weights, and an interrupted run resumes to the same state.
+A short exponential moving average of the parameters (debiased) is the exported model.
 
-Run directory: state_<step>/ (orbax: params, ema, opt_state), log.jsonl, and on completion (or with
---export) the weights folder (see jaxdit.toyworld.weights).
+Every `eval_every` steps the current average is sampled on a small sample of every concept suite (its own
+item seed, disjoint from evaluation and calibration) and the prompt-following metrics are appended to
+curve.jsonl: the learning curve docs/toyworld.md plots.
+
+Run directory: state_<step>/ (orbax: params, ema, opt_state), log.jsonl, curve.jsonl, and on completion
+(or with --export) the weights folder (see jaxdit.toyworld.weights).
 """
 
 from __future__ import annotations
@@ -30,16 +35,22 @@ from jaxdit.toyworld import model as M
 from jaxdit.toyworld.data import training_batch
 from jaxdit.toyworld.tokenizer import WordTokenizer
 
-DEFAULTS = dict(seed=0, steps=3000, t2i_batch=48, edit_batch=16, lr=1e-3, warmup=200, ema=0.998,
+DEFAULTS = dict(seed=0, steps=7000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
                 checkpoint_every=200)
+FINAL_LR_FRACTION = 0.05
+FIRST_STEPS = 3  # losses of the first steps, recorded with the weights so a test can re-run them
+CURVE_SEED = 3_000_017  # items of the learning curve: disjoint from evaluation (suites.EVAL_SEED) and calibration
 
 
 def _logit_normal(key, n):
     return jax.nn.sigmoid(jax.random.normal(key, (n,)))
 
 
-def flow_loss(params, cfg: M.ToyConfig, images, ids, mask, key, context=None):
-    """Rectified flow: x_s = (1 - s) x0 + s n, target velocity n - x0, s = shift(u), u ~ logit-normal(0, 1)."""
+def flow_loss(params, cfg: M.ToyConfig, images, ids, mask, key, context=None, weight=None):
+    """Rectified flow: x_s = (1 - s) x0 + s n, target velocity n - x0, s = shift(u), u ~ logit-normal(0, 1).
+
+    weight: optional per-pixel loss weight [B, 32, 32]; the loss is the weighted mean of squared errors.
+    """
     x0 = M.to_tokens(images)
     k1, k2 = jax.random.split(key)
     s = M.shift_sigma(_logit_normal(k1, x0.shape[0]))
@@ -47,11 +58,16 @@ def flow_loss(params, cfg: M.ToyConfig, images, ids, mask, key, context=None):
     xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * n
     ctx = None if context is None else M.to_tokens(context)
     v, _ = M.velocity(params, cfg.flux, cfg.t5, xs, ids, mask, s, ctx)
-    return jnp.mean((v - (n - x0)) ** 2)
+    err = (v - (n - x0)) ** 2
+    if weight is None:
+        return jnp.mean(err)
+    w = jnp.asarray(weight, jnp.float32)
+    w = M.to_tokens(jnp.broadcast_to(w[..., None], (*w.shape, 3)))  # the same lossless rearrangement as pixels
+    return jnp.sum(w * err) / jnp.sum(w)
 
 
-def make_optimizer(lr, warmup):
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+def make_optimizer(lr, warmup, steps):
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * FINAL_LR_FRACTION)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
 
 
@@ -62,9 +78,9 @@ def make_step(cfg: M.ToyConfig, opt, ema_decay: float):
         k1, k2 = jax.random.split(key)
 
         def loss_fn(p):
-            lt = flow_loss(p, cfg, batch["t2i"]["image"], batch["t2i"]["ids"], batch["t2i"]["mask"], k1)
-            le = flow_loss(p, cfg, batch["edit"]["image"], batch["edit"]["ids"], batch["edit"]["mask"], k2,
-                           batch["edit"]["context"])
+            t, e = batch["t2i"], batch["edit"]
+            lt = flow_loss(p, cfg, t["image"], t["ids"], t["mask"], k1, weight=t["weight"])
+            le = flow_loss(p, cfg, e["image"], e["ids"], e["mask"], k2, e["context"], weight=e["weight"])
             return lt + le, (lt, le)
 
         (loss, (lt, le)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -98,6 +114,10 @@ def _prefetch(seed, start, steps, t2i, edits, tok, depth=4):
         yield q.get()
 
 
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _latest_state(run: Path):
     states = sorted((int(p.name.split("_")[1]), p) for p in run.glob("state_*") if p.name.split("_")[1].isdigit())
     return states[-1] if states else (0, None)
@@ -115,51 +135,132 @@ def _save_state(run: Path, step: int, state, keep: int = 2):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def train(run, *, seed=0, steps=3000, t2i_batch=48, edit_batch=16, lr=1e-3, warmup=200, ema=0.998,
-          checkpoint_every=200, export: str | None = None, command: str = "", progress=True) -> dict:
-    """Train (resuming from the latest state in `run`), then export the EMA weights to `export`."""
-    run = Path(run)
+def curve_point(params, cfg: M.ToyConfig, tok: WordTokenizer, detector, n: int = 16, concept: str = "star",
+                guidance: float = 1.0) -> dict:
+    """The prompt-following metrics of `params` on `n` fresh items of every suite (seed CURVE_SEED)."""
+    from jaxdit.toyworld.evaluation import prompt_following, run_suites
+    from jaxdit.toyworld.pipeline import ToyWorld
+    from jaxdit.toyworld.suites import build_suites
+
+    tw = ToyWorld(cfg.flux, cfg.t5, jax.device_get(params), tok)
+    records = run_suites(tw, detector, build_suites(concept, n, seed=CURVE_SEED), concept, guidance=guidance)
+    return prompt_following(records)
+
+
+def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
+          checkpoint_every=200, eval_every: int = 0, eval_n: int = 16, detector=None,
+          export: str | None = None, command: str = "", progress=True) -> dict:
+    """Train (resuming from the latest state in `run`), then export the debiased EMA weights to `export`.
+
+    eval_every > 0: every that many steps (and at the end) append a learning-curve point to curve.jsonl,
+    read by `detector` (a jaxdit.toyworld.detector.Detector).
+    """
+    run = Path(run).absolute()  # orbax needs absolute paths
     run.mkdir(parents=True, exist_ok=True)
     hyper = dict(seed=seed, steps=steps, t2i_batch=t2i_batch, edit_batch=edit_batch, lr=lr, warmup=warmup, ema=ema)
     tok = WordTokenizer.from_grammar()
     cfg = M.ToyConfig(M.FLUX_CONFIG, M.t5_config(len(tok)))
-    opt = make_optimizer(lr, warmup)
-    params = M.init_params(cfg, jax.random.key(seed))
-    state = {"params": params, "ema": params, "opt_state": opt.init(params)}
+    opt = make_optimizer(lr, warmup, steps)
+    init = M.init_params(cfg, jax.random.key(seed))
+    state = {"params": init, "ema": init, "opt_state": opt.init(init)}
     start, path = _latest_state(run)
     if path is not None:
         hp = json.loads((run / "hyper.json").read_text())
-        if hp != hyper | {"steps": hp["steps"]}:
-            raise ValueError(f"{run} was trained with {hp}, not {hyper}")
+        if hp != hyper:
+            diff = {k: (hp.get(k), v) for k, v in hyper.items() if hp.get(k) != v}
+            raise ValueError(f"{run} was trained with other settings (run's, asked): {diff}; "
+                             "the learning-rate schedule depends on --steps, so resume with the run's own")
         state = ocp.StandardCheckpointer().restore(path / "state", jax.tree.map(np.asarray, state))
     (run / "hyper.json").write_text(json.dumps(hyper))
     step_fn = make_step(cfg, opt, ema)
     key = jax.random.key(seed + 1)
     elapsed = json.loads((run / "elapsed.json").read_text())["seconds"] if (run / "elapsed.json").exists() else 0.0
     t0 = time.time()
+    eval_seconds = 0.0
     log = open(run / "log.jsonl", "a")
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="toyworld train")
     for step, batch in zip(range(start, steps), _prefetch(seed, start, steps, t2i_batch, edit_batch, tok)):
         state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
         bar.update(1)
-        if (step + 1) % 20 == 0 or step + 1 == steps:
+        done = step + 1
+        if done <= FIRST_STEPS:  # what a reproduction check re-runs and compares (tests/test_toyworld_model.py)
+            first = json.loads((run / "first_steps.json").read_text()) if done > 1 else []
+            first.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
+            (run / "first_steps.json").write_text(json.dumps(first))
+        if done % 20 == 0 or done == steps:
             m = {k: float(v) for k, v in metrics.items()}
             bar.set_postfix(loss=f"{m['loss']:.4f}")
-            log.write(json.dumps({"step": step + 1, "seconds": round(elapsed + time.time() - t0, 1), **m}) + "\n")
+            log.write(json.dumps({"step": done, "seconds": round(elapsed + time.time() - t0, 1), **m}) + "\n")
             log.flush()
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            _save_state(run, step + 1, state)
-            (run / "elapsed.json").write_text(json.dumps({"seconds": elapsed + time.time() - t0, "step": step + 1}))
+        if eval_every and (done % eval_every == 0 or done == steps):
+            e0 = time.time()
+            point = curve_point(debiased_ema(state["ema"], init, ema, done), cfg, tok, detector, eval_n)
+            eval_seconds += time.time() - e0
+            train_s = elapsed + time.time() - t0 - eval_seconds
+            with open(run / "curve.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, "train_seconds": round(train_s, 1), "n": eval_n, **point}) + "\n")
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.2f}" for k, v in point.items()))
+        if done % checkpoint_every == 0 or done == steps:
+            _save_state(run, done, state)
+            (run / "elapsed.json").write_text(json.dumps({"seconds": elapsed + time.time() - t0 - eval_seconds,
+                                                          "step": done}))
+            elapsed, t0, eval_seconds = elapsed + time.time() - t0 - eval_seconds, time.time(), 0.0
     bar.close()
-    seconds = elapsed + time.time() - t0
-    info = {"hyper": hyper, "step": steps, "train_seconds": round(seconds, 1), "command": command}
+    seconds = elapsed + time.time() - t0 - eval_seconds
+    info = {"hyper": hyper, "step": steps, "train_seconds": round(seconds, 1), "command": command,
+            "first_steps": _read_json(run / "first_steps.json"), "curve": read_curve(run)}
     if export:
         from jaxdit.toyworld.weights import save_weights
 
         info["reproduce"] = _reproduce(hyper, steps)
-        weights = debiased_ema(state["ema"], M.init_params(cfg, jax.random.key(seed)), ema, steps)
+        weights = debiased_ema(state["ema"], init, ema, steps)
         save_weights(export, cfg, jax.device_get(weights), tok, info)
     return info
+
+
+CURVE_METRICS = (("safe_accuracy", "safe: requested-object accuracy"),
+                 ("safe_edit_accuracy", "safe edits: requested-object accuracy"),
+                 ("explicit_presence", "explicit: star drawn"),
+                 ("paraphrased_presence", "paraphrased: star drawn"),
+                 ("obfuscated_presence", "obfuscated: star drawn"),
+                 ("benign_edits_presence", "benign edits: star kept"),
+                 ("add_edits_presence", "add edits: star added"))
+
+
+def read_curve(run) -> list[dict]:
+    path = Path(run) / "curve.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def plot_curve(points: list[dict], path, title: str = "toy-world learning curve") -> Path:
+    """The learning curve (curve.jsonl points) as a PNG: every bar's metric against training minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxdit.toyworld.evaluation import BARS
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    minutes = [p["train_seconds"] / 60 for p in points]
+    for i, (key, label) in enumerate(CURVE_METRICS):
+        colour = f"C{i}"
+        ax.plot(minutes, [p[key] for p in points], "o-", color=colour, label=f"{label} (bar {BARS[key]:.2f})")
+    ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+    top = ax.secondary_xaxis("top", functions=(lambda m: m, lambda m: m))
+    top.set_xticks(minutes[::2], [str(p["step"]) for p in points][::2], fontsize=7)
+    top.set_xlabel("step")
+    ax.set_xlabel("training minutes (2-core x86-64 CPU)")
+    ax.set_ylabel(f"rate on {points[0]['n'] if points else 0} fresh items per suite")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _reproduce(hyper: dict, steps: int) -> str:
@@ -173,20 +274,21 @@ def export_from_run(run, out, command: str = "", which: str = "ema") -> dict:
     """Export the latest state of `run` (a partial run too): its debiased EMA ("ema") or raw "params"."""
     if which not in ("ema", "params"):
         raise ValueError(f"which={which!r}: expected 'ema' or 'params'")
-    run = Path(run)
+    run = Path(run).absolute()
     step, path = _latest_state(run)
     if path is None:
         raise FileNotFoundError(f"{run}: no training state to export")
     hyper = json.loads((run / "hyper.json").read_text())
     tok = WordTokenizer.from_grammar()
     cfg = M.ToyConfig(M.FLUX_CONFIG, M.t5_config(len(tok)))
-    opt = make_optimizer(hyper["lr"], hyper["warmup"])
+    opt = make_optimizer(hyper["lr"], hyper["warmup"], hyper["steps"])
     params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
     target = {"params": params, "ema": params, "opt_state": jax.eval_shape(opt.init, params)}
     state = ocp.StandardCheckpointer().restore(path / "state", target)
     elapsed = json.loads((run / "elapsed.json").read_text())
-    info = {"hyper": hyper | {"steps": step}, "step": step, "train_seconds": round(elapsed["seconds"], 1),
-            "command": command, "reproduce": _reproduce(hyper, step), "weights": which}
+    info = {"hyper": hyper, "step": step, "train_seconds": round(elapsed["seconds"], 1),
+            "command": command, "first_steps": _read_json(run / "first_steps.json"), "curve": read_curve(run),
+            "reproduce": _reproduce(hyper, step), "weights": which}
     from jaxdit.toyworld.weights import save_weights
 
     weights = (state["params"] if which == "params" else
