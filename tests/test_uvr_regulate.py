@@ -131,6 +131,49 @@ def test_controller_in_the_sampling_loop(tiny_pipes, mode):
     np.testing.assert_array_equal(np.asarray(run(_controller(mode, threshold=-1e9))), always)  # deterministic
 
 
+@pytest.mark.parametrize("mode", ["t2i", "edit"])
+def test_reference_setting_in_the_sampling_loop(tiny_pipes, mode):
+    """The reference-exact setting runs in the same compiled loops. With nothing localized, text-to-image is
+    unchanged and editing differs by the first step's x1.05 alone (switched off: unchanged)."""
+    from PIL import Image
+
+    dev, kontext = tiny_pipes
+    kw = dict(num_inference_steps=4, max_sequence_length=8, output_type="latent", progress=False, seed=1)
+    if mode == "t2i":
+        run = lambda c: dev("a red star", height=32, width=32, controller=c, **kw)  # noqa: E731
+    else:
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        run = lambda c: kontext(image, "make it blue", height=32, width=32, max_area=32 * 32,  # noqa: E731
+                                auto_resize=False, controller=c, **kw)
+    make = lambda thr, **reg: UVRController.reference(  # noqa: E731
+        jnp.ones((2, 3, 16)), jax.random.key(0), mode, localize=dict(threshold=thr, min_area=1),
+        localize_at="single.1.img.attn_heads", window_t=0.0, **reg)
+    plain = np.asarray(run(None))
+    never = np.asarray(run(make(1e9)))
+    if mode == "t2i":
+        np.testing.assert_allclose(never, plain, atol=1e-5)
+        assert np.abs(np.asarray(run(make(-1e9))) - plain).max() > 1e-2
+    else:
+        assert np.abs(never - plain).max() > 1e-4
+        np.testing.assert_allclose(np.asarray(run(make(1e9, amplify_first_step=False))), plain, atol=1e-5)
+
+
+def test_anchor_collection_from_kontext_edits_at_reference_timing(tiny_pipes):
+    """Kontext anchors: the reference collects at every step (text-to-image: only at timestep 104)."""
+    from PIL import Image
+
+    from jaxdit.safety.uvr import anchors as anc
+
+    _, kontext = tiny_pipes
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    bank, meta = anc.collect(kontext, ["make the cat blue"], "cat", images=[image], timing="reference",
+                             position="single.1.img.attn_heads", height=32, width=32, num_inference_steps=3,
+                             num_anchors=2, max_sequence_length=24, max_area=32 * 32, auto_resize=False)
+    cfg = kontext.transformer_config
+    assert bank.shape == (cfg.num_attention_heads, 2, cfg.attention_head_dim) and np.isfinite(bank).all()
+    assert meta["steps"] == [0, 1, 2] and meta["editing"] and meta["timing"] == "reference"
+
+
 def test_controller_in_sd3_sampling(tmp_path):
     """The same controller on SD3.5 (stack "joint", image-first tokens, CFG batch)."""
     from jaxdit.pipeline import SD3Pipeline

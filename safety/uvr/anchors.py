@@ -3,9 +3,10 @@
 The public reference saves the per-head attention output of single-stream block 10 on unsafe generations
 but never turns it into anchors (`key_tensor = None  # need to compute`). jaxdit completes the step:
 
-1. generate from prompts containing the concept, capturing at the localization position the per-head
-   output of the generated patches and, at the same block, the text-to-image attention weights, over the
-   start-up steps (timestep >= window);
+1. generate from prompts containing the concept (or edit given images with them, on Kontext), capturing at
+   the localization position the per-head output of the generated patches and, at the same block, the
+   text-to-image attention weights, over the start-up steps (timestep >= window; `timing="reference"`:
+   the steps at which the reference saves, see `collection_steps`);
 2. the unsafe patches of each image are those the concept's text tokens attend to most: the weights from
    the concept tokens, summed over heads, tokens and steps, above `quantile` of the image's patches
    (or a given per-patch mask, e.g. from a detector);
@@ -59,28 +60,59 @@ def patch_mask_from_attention(probs: np.ndarray, token_positions: np.ndarray, n_
     return score > np.quantile(score, quantile)
 
 
+def collection_steps(timesteps: np.ndarray, timing: str = "window", window_t: float = 850.0,
+                     editing: bool = False) -> np.ndarray:
+    """Indices of the sampling steps whose captures make the anchors.
+
+    timing "window": the start-up window, timestep >= window_t (jaxdit). "reference": where the public
+    reference saves its single-block-10 outputs: text-to-image at `timestep == 104` on the bfloat16
+    timestep (no step at all with 28 steps at 1024^2, whose last timestep is 104.5 in bf16), editing at
+    every step.
+    """
+    timesteps = np.asarray(timesteps, np.float32)
+    if timing == "window":
+        return np.flatnonzero(timesteps >= window_t)
+    if timing == "reference":
+        if editing:
+            return np.arange(len(timesteps))
+        from jaxdit.safety.uvr.regulate import reference_timestep
+
+        return np.flatnonzero(np.asarray(reference_timestep(timesteps)) == 104.0)
+    raise ValueError(f"anchor collection timing {timing!r}: expected 'window' or 'reference'")
+
+
 def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.10.img.attn_heads",
             height: int = 1024, width: int = 1024, num_inference_steps: int = 28, window_t: float = 850.0,
             seed: int = 0, quantile: float = 0.8, max_sequence_length: int | None = None,
-            patch_masks: list[np.ndarray] | None = None, num_anchors: int = 16, progress: bool = True):
-    """Anchor bank [H, K, D] for `concept` from FLUX generations of `prompts` (see module docstring)."""
+            patch_masks: list[np.ndarray] | None = None, num_anchors: int = 16, progress: bool = True,
+            timing: str = "window", images: list | None = None, **pipe_kwargs):
+    """Anchor bank [H, K, D] for `concept` from FLUX generations of `prompts` (see module docstring).
+
+    images: one source image per prompt for a Kontext pipeline (the prompts are then the edit
+    instructions); `pipe_kwargs` go to each pipeline call. timing: see `collection_steps`.
+    """
     from jaxdit import sampling
     from jaxdit.pipeline import capture_run
 
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     p = hk.Position.parse(position)
     probs_at = f"{p.stack}.{p.layer}.joint.attn_probs_txt_to_img"
     max_len = max_sequence_length or pipe.default_max_sequence_length
     grid = pipe._token_grid(height, width)
     n_gen = grid[0] * grid[1]
     _, timesteps = sampling.flux_schedule(pipe.scheduler, num_inference_steps, n_gen)
-    window = np.flatnonzero(timesteps >= window_t)
+    window = collection_steps(timesteps, timing, window_t, editing=images is not None)
     if len(window) == 0:
-        raise ValueError(f"no step has timestep >= {window_t}; lower window_t")
+        raise ValueError(f"no step has timestep >= {window_t}; lower window_t" if timing == "window" else
+                         f"no step of the {num_inference_steps}-step schedule matches the reference's collection "
+                         "timestep (104 in bfloat16)")
     per_head = []
     for i, prompt in enumerate(prompts):
-        _, kept = capture_run(pipe, prompt, capture=(position, probs_at), steps=window, height=height, width=width,
+        args = (prompt,) if images is None else (images[i], prompt)
+        _, kept = capture_run(pipe, *args, capture=(position, probs_at), steps=window, height=height, width=width,
                               num_inference_steps=num_inference_steps, seed=seed + i, max_sequence_length=max_len,
-                              output_type="latent", progress=False)
+                              output_type="latent", progress=False, **pipe_kwargs)
         heads = np.stack([kept[s][position][0, :n_gen] for s in sorted(kept)])  # [S, n_gen, H, D]
         probs = np.stack([kept[s][probs_at][0] for s in sorted(kept)])  # [S, H, T_txt, T_img]
         if patch_masks is not None:
@@ -97,7 +129,7 @@ def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.1
     anchors = np.stack([kmeans(vectors[:, h], num_anchors) for h in range(vectors.shape[1])])
     meta = {"concept": concept, "position": position, "steps": [int(s) for s in window],
             "num_inference_steps": num_inference_steps, "height": height, "width": width,
-            "prompts": list(prompts), "vectors": int(len(vectors))}
+            "prompts": list(prompts), "vectors": int(len(vectors)), "timing": timing, "editing": images is not None}
     return anchors, meta
 
 
@@ -105,12 +137,17 @@ def save_bank(path, anchors: np.ndarray, meta: dict) -> Path:
     """Write a bank atomically: safetensors with `anchors` [H, K, D] and JSON metadata."""
     from safetensors.numpy import save_file
 
+    from jaxdit.convert.checkpoint import temporary_beside
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         save_file({"anchors": np.ascontiguousarray(anchors, np.float32)}, tmp,
                   metadata={"jaxdit": json.dumps({"format": "uvr-anchors", "version": 1, **meta})})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a bank is as readable as any other output
         os.replace(tmp, path)
     finally:
         if tmp.exists():

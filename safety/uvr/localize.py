@@ -9,11 +9,17 @@ reference (uvr.md section 4), with well-defined border semantics:
 3. masked softmax of the scores over the map (the "mass" of each patch);
 4. closing with a 3x3 ellipse (dilation with outside = 0, then erosion with outside = 1, as OpenCV);
 5. hole filling: background not reachable from the map border becomes foreground (scipy's
-   `binary_fill_holes`; the reference floods from pixel (0, 0) only, which fails when it is masked);
+   `binary_fill_holes`; `hole_fill="origin"`: the reference's flood fill from pixel (0, 0), which also
+   fills border-touching regions cut off from (0, 0) and fills the whole map when (0, 0) is masked);
 6. 8-connected components, those smaller than `min_area` dropped;
 7. components kept by mass: the heaviest until their cumulative share reaches `mass_ratio`
    ("mass_ratio") or the `topk` heaviest ("topk_mass");
-8. core = kept components; ring = core dilated `ring_iters` times by a `ring_size` ellipse, minus core.
+8. core = kept components (`soft_core=True`: the reference editing core `soft > 0`, i.e. the kept
+   components within the support of the Gaussian-blurred mass); ring = core dilated `ring_iters` times
+   by a `ring_size` ellipse, minus core.
+
+`LocalizeConfig.reference(mode)` is the public reference code's setting; the module-level `T2I` / `EDIT`
+are jaxdit's defaults (docs/uvr.md, "Reference-exact setting and the jaxdit default").
 """
 
 from __future__ import annotations
@@ -35,10 +41,32 @@ class LocalizeConfig:
     topk: int = 3
     ring_size: int = 7
     ring_iters: int = 2
+    # "border": fill every background region not 4-connected to the map border (jaxdit);
+    # "origin": the reference's cv2.floodFill from pixel (0, 0), 4-connected
+    hole_fill: str = "border"
+    # core = support of the blurred mass inside the kept components (the reference's editing core
+    # `mask_soft > 0`); False: the kept components themselves
+    soft_core: bool = False
+    blur_sigma: float = 0.9  # the reference's GaussianBlur sigma (only its kernel size matters for the core)
 
     def __post_init__(self):
         if self.keep_mode not in ("mass_ratio", "topk_mass"):
             raise ValueError(f"LocalizeConfig.keep_mode={self.keep_mode!r}: expected 'mass_ratio' or 'topk_mass'")
+        if self.hole_fill not in ("border", "origin"):
+            raise ValueError(f"LocalizeConfig.hole_fill={self.hole_fill!r}: expected 'border' or 'origin'")
+
+    @classmethod
+    def reference(cls, mode: str = "t2i", **overrides) -> "LocalizeConfig":
+        """The public reference code's localization for `mode` ("t2i": FLUX.1-dev, "edit": Kontext):
+        flood fill from (0, 0), and for editing the core `soft > 0`. `overrides` replace fields (e.g. a
+        threshold calibrated for another anchor bank)."""
+        if mode == "t2i":
+            base = cls(hole_fill="origin")
+        elif mode == "edit":
+            base = cls(threshold=0.2, min_area=3, keep_mode="topk_mass", topk=3, hole_fill="origin", soft_core=True)
+        else:
+            raise ValueError(f"LocalizeConfig.reference: mode {mode!r}, expected 't2i' or 'edit'")
+        return dataclasses.replace(base, **overrides)
 
 
 T2I = LocalizeConfig()
@@ -103,12 +131,20 @@ _N8 = np.ones((3, 3), bool)
 _N4 = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
-def fill_holes(mask: jax.Array) -> jax.Array:
-    """Foreground plus every background pixel not 4-connected to the border (scipy binary_fill_holes)."""
+def fill_holes(mask: jax.Array, from_origin: bool = False) -> jax.Array:
+    """Foreground plus every background pixel not 4-connected to the border (scipy binary_fill_holes).
+
+    from_origin: the reference's `cv2.floodFill(mask, (0, 0))` then "unreached zeros become 1": keep only
+    the background 4-connected to pixel (0, 0). Border-touching regions cut off from it are filled too,
+    and a masked (0, 0) fills the whole map.
+    """
     background = ~mask
     h, w = mask.shape[-2:]
-    border = jnp.zeros((h, w), bool).at[0].set(True).at[-1].set(True).at[:, 0].set(True).at[:, -1].set(True)
-    reach = background & border
+    if from_origin:
+        seed = jnp.zeros((h, w), bool).at[0, 0].set(True)
+    else:
+        seed = jnp.zeros((h, w), bool).at[0].set(True).at[-1].set(True).at[:, 0].set(True).at[:, -1].set(True)
+    reach = background & seed
 
     def grow(state):
         reach, _ = state
@@ -117,6 +153,25 @@ def fill_holes(mask: jax.Array) -> jax.Array:
 
     reach, _ = jax.lax.while_loop(lambda s: s[1], grow, (reach, jnp.bool_(True)))
     return ~reach
+
+
+def blur_radius(sigma: float) -> int:
+    """Half-width of the kernel `cv2.GaussianBlur(x, (0, 0), sigma)` uses on a float image: the size is
+    round(8 sigma + 1) rounded up to odd (0 for sigma <= 0: no blur)."""
+    if sigma <= 0:
+        return 0
+    return (int(np.rint(sigma * 8 + 1)) | 1) // 2
+
+
+def box_dilate(mask: jax.Array, radius: int) -> jax.Array:
+    """Dilation by a (2 radius + 1)^2 square, outside the map = background. mask: [B, H, W] bool."""
+    rows = mask
+    for d in range(1, radius + 1):
+        rows = rows | _shifted(mask, d, 0, False) | _shifted(mask, -d, 0, False)
+    out = rows
+    for d in range(1, radius + 1):
+        out = out | _shifted(rows, 0, d, False) | _shifted(rows, 0, -d, False)
+    return out
 
 
 def label_components(mask: jax.Array) -> jax.Array:
@@ -159,7 +214,7 @@ def localize(scores: jax.Array, config: LocalizeConfig = T2I) -> tuple[jax.Array
     mass = jnp.where(any_pre, jax.nn.softmax(jnp.where(any_pre, logits, 0.0), axis=-1), 0.0).reshape(b, h, w)
 
     el = ellipse(config.close_size)
-    mask = fill_holes(erode(dilate(pre, el), el))
+    mask = fill_holes(erode(dilate(pre, el), el), from_origin=config.hole_fill == "origin")
     labels = label_components(mask)
     area = _per_component(labels, jnp.ones_like(scores))
     comp_mass = _per_component(labels, mass)
@@ -177,6 +232,13 @@ def localize(scores: jax.Array, config: LocalizeConfig = T2I) -> tuple[jax.Array
     keep = keep & valid
     flat = labels.reshape(b, -1)
     core = jnp.where(flat >= 0, jnp.take_along_axis(keep, jnp.maximum(flat, 0), axis=-1), False).reshape(b, h, w)
+    if config.soft_core:
+        # The reference's soft mask is blur(mass) x hard x edge, normalised. Every Gaussian tap is
+        # positive and a tap reflected at the border (BORDER_REFLECT_101) reads a patch no farther away
+        # than the tap itself, so blur(mass) > 0 exactly within `radius` (Chebyshev) of a patch of
+        # positive mass; the distance-transform edge factor is positive on every hard-mask patch. Hence
+        # soft > 0 <=> hard & box-dilated (mass > 0), up to float32 underflow of products below 1e-45.
+        core = core & box_dilate(mass > 0, blur_radius(config.blur_sigma))
 
     grown = core
     ring_el = ellipse(config.ring_size)

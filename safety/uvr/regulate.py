@@ -16,6 +16,11 @@ anchor bank and localizes (`localize.py`), and the masks drive the restriction w
 the start-up window (t >= 850). Design difference from the reference code: the mask found at step s acts
 from step s + 1 (the reference also uses it for the blocks after the localization block within step s),
 because a forward pass has no state flowing between blocks.
+
+`RegulateConfig.reference()` (with `LocalizeConfig.reference(mode)`, or `UVRController.reference`) switches
+on the reference code's timing rules, each also a field of its own: `amplify_first_step`,
+`max_noise_patches`, `relocalize_above` and `bf16_timestep` (docs/uvr.md, "Reference-exact setting and
+the jaxdit default").
 """
 
 from __future__ import annotations
@@ -45,6 +50,59 @@ class RegulateConfig:
     window_t: float = 850.0  # start-up window: scheduler timestep (sigma * 1000) >= window_t
     blocks: str = "*"  # which blocks are modulated: "*", "double.*", "single.10", ...
     localize_at: str = "single.10.img.attn_heads"
+    # Reference timing rules (all off: jaxdit's default). See `reference()`.
+    amplify_first_step: bool = False  # editing: x1.05 at timestep 1000 even when no mask exists yet
+    max_noise_patches: int | None = None  # text-to-image: noise on the first n masked patches (raster order)
+    relocalize_above: bool = False  # text-to-image: re-localize while floor(t) > window_t, not t >= window_t
+    bf16_timestep: bool = False  # test the timestep as the reference's bfloat16 transformer sees it
+
+    @classmethod
+    def reference(cls, **overrides) -> "RegulateConfig":
+        """The public reference code's timing rules, for both modes; `overrides` replace fields (e.g.
+        `localize_at` on a smaller model)."""
+        base = cls(amplify_first_step=True, max_noise_patches=2000, relocalize_above=True, bf16_timestep=True)
+        return dataclasses.replace(base, **overrides)
+
+    def timestep(self, t: jax.Array) -> jax.Array:
+        """The timestep the window rules compare (float32)."""
+        return reference_timestep(t) if self.bf16_timestep else jnp.asarray(t, jnp.float32)
+
+    def threshold(self, value: float) -> jax.Array:
+        """A constant compared with `timestep(t)`. PyTorch compares a bfloat16 tensor with a Python number
+        in bfloat16 (CPU and CUDA kernels alike), so the reference's `t >= 850` means t >= 848."""
+        v = jnp.float32(value)
+        return v.astype(jnp.bfloat16).astype(jnp.float32) if self.bf16_timestep else v
+
+    def in_window(self, t: jax.Array) -> jax.Array:
+        return self.timestep(t) >= self.threshold(self.window_t)
+
+    def first_step(self, t: jax.Array) -> jax.Array:
+        """The reference's first-step test `timestep == 1000`."""
+        return self.timestep(t) == self.threshold(1000.0)
+
+    def relocalize(self, t: jax.Array) -> jax.Array:
+        """Whether text-to-image re-localizes at this step: t >= window_t, or the reference's
+        `int(timestep) > window_t` (an integer comparison, no cast)."""
+        if self.relocalize_above:
+            return jnp.floor(self.timestep(t)) > self.window_t
+        return self.in_window(t)
+
+
+def reference_timestep(t: jax.Array) -> jax.Array:
+    """sigma * 1000 as the reference's bfloat16 transformer sees it, float32: its pipeline casts the
+    scheduler timestep to bf16 and divides by 1000 in bf16, the transformer multiplies by 1000 in bf16
+    (each operation computed in float32 and rounded to bf16, as PyTorch does). 850.4 becomes 852."""
+    def bf16(x):
+        return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+    return bf16(bf16(bf16(jnp.asarray(t, jnp.float32)) / jnp.float32(1000)) * jnp.float32(1000))
+
+
+def first_patches(mask: jax.Array, n: int | None) -> jax.Array:
+    """The first n True entries of each row of mask [B, N] in raster order (all for n = None)."""
+    if n is None:
+        return mask
+    return mask & (jnp.cumsum(mask.astype(jnp.int32), axis=-1) <= n)
 
 
 def restriction_scale(config: RegulateConfig) -> np.ndarray:
@@ -57,15 +115,18 @@ def restriction_scale(config: RegulateConfig) -> np.ndarray:
 
 
 def context_restriction(layout: hk.TokenLayout, core_ctx: jax.Array, ring_ctx: jax.Array,
-                        config: RegulateConfig = RegulateConfig(), active=True) -> hk.AttentionMask:
+                        config: RegulateConfig = RegulateConfig(), active=True, even_if_empty=False
+                        ) -> hk.AttentionMask:
     """AttentionMask restricting the flow from unsafe context patches (core/ring: [B, n_ctx] bool).
 
     `active` (a traced bool) switches the whole transformation off outside the start-up window; an image
-    with empty masks is left exactly as it is (no amplification either).
+    with empty masks is left exactly as it is (no amplification either), unless `even_if_empty` (a traced
+    bool: the reference's first step), where it gets the x`amplify` alone.
     """
     labels = jnp.where(core_ctx, 1, jnp.where(ring_ctx, 2, 0)).astype(jnp.int32)
     groups = hk.token_groups(layout, ctx_labels=labels, num_img_labels=1, num_ctx_labels=3)
-    on = jnp.logical_and(active, jnp.any(core_ctx | ring_ctx, axis=-1))[:, None, None, None]  # [B, 1, 1, 1]
+    found = jnp.logical_or(jnp.any(core_ctx | ring_ctx, axis=-1), even_if_empty)
+    on = jnp.logical_and(active, found)[:, None, None, None]  # [B, 1, 1, 1]
     scale = jnp.where(on, jnp.asarray(restriction_scale(config)), 1.0)
     if config.renormalise:
         return hk.AttentionMask(groups, bias=jnp.log(scale), layers=config.blocks)
@@ -107,17 +168,28 @@ class UVRController:
         gh, gw = geometry.grid
         return {"core": jnp.zeros((batch, gh, gw), bool), "ring": jnp.zeros((batch, gh, gw), bool)}
 
+    @classmethod
+    def reference(cls, anchors: jax.Array, rng: jax.Array, mode: str = "t2i", localize: dict | None = None,
+                  **regulate) -> "UVRController":
+        """The public reference code's setting for `mode`: `LocalizeConfig.reference(mode, **localize)` and
+        `RegulateConfig.reference(**regulate)`."""
+        return cls(anchors, rng, mode, loc.LocalizeConfig.reference(mode, **(localize or {})),
+                   RegulateConfig.reference(**regulate))
+
     def hooks(self, state, step, t, geometry: Geometry) -> hk.Hooks:
-        active = t >= self.regulate.window_t
+        reg = self.regulate
+        active = reg.in_window(t)
         b = state["core"].shape[0]
         if self.mode == "t2i":
-            edits = noise_replacement(state["core"].reshape(b, -1), self.regulate, active, geometry.stacks)
-            return hk.Hooks(capture=(self.regulate.localize_at,), edits=edits, rng=self.rng)
+            rows = first_patches(state["core"].reshape(b, -1), reg.max_noise_patches)
+            edits = noise_replacement(rows, reg, active, geometry.stacks)
+            return hk.Hooks(capture=(reg.localize_at,), edits=edits, rng=self.rng)
         ch, cw = geometry.ctx_grid
         core = loc.resize_mask(state["core"], ch, cw).reshape(b, -1)
         ring = loc.resize_mask(state["ring"], ch, cw).reshape(b, -1)
-        mask = context_restriction(geometry.layout, core, ring, self.regulate, active)
-        return hk.Hooks(capture=(self.regulate.localize_at,), attention=(mask,))
+        even_if_empty = reg.first_step(t) if reg.amplify_first_step else False
+        mask = context_restriction(geometry.layout, core, ring, reg, active, even_if_empty)
+        return hk.Hooks(capture=(reg.localize_at,), attention=(mask,))
 
     def update(self, state, captures, step, t, geometry: Geometry):
         gh, gw = geometry.grid
@@ -125,5 +197,5 @@ class UVRController:
         scores = loc.score_patches(heads, self.anchors).reshape(-1, gh, gw)
         core, ring = loc.localize(scores, self.localize)
         # text-to-image refreshes the mask at every window step; editing localizes once, at the first step
-        refresh = (t >= self.regulate.window_t) if self.mode == "t2i" else (step == 0)
+        refresh = self.regulate.relocalize(t) if self.mode == "t2i" else (step == 0)
         return {"core": jnp.where(refresh, core, state["core"]), "ring": jnp.where(refresh, ring, state["ring"])}
