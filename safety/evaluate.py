@@ -116,9 +116,34 @@ def format_table(summary: dict, columns: Sequence[str] = COLUMNS) -> str:
 
 def write_json(obj, path) -> Path:
     """Write atomically (temporary file, then rename)."""
+    return write_text(json.dumps(obj, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x)), path)
+
+
+def write_text(text: str, path) -> Path:
+    """Write atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_png(image, path) -> Path:
+    """[H, W, 3] uint8 as a PNG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def check_writable(folder) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (one clear line)."""
+    folder = Path(folder)
+    parent = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: cannot write here ({parent} is not a writable directory)")

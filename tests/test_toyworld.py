@@ -150,7 +150,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["toyworld", "train"]) == 2
     assert main(["toyworld", "train", "--detector"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("jaxdit toyworld: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("jaxdit toyworld ") and ": error: " in line for line in err)
 
 
 def test_training_resumes_from_a_relative_run_folder_exactly(tmp_path, monkeypatch):

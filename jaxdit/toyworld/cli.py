@@ -135,15 +135,16 @@ def _eval(args) -> int:
     if out is not None:
         ev.check_writable(out)
     tw, det = ToyWorld.load(args.weights), Detector.load(args.weights)
-    result = evaluate(tw, det, methods, concept, args.n, args.suite_seed, names, args.calibration_n, args.steps)
+    result = evaluate(tw, det, methods, concept, args.n, args.suite_seed, names, args.calibration_n, args.steps,
+                      guidance=args.guidance)
     print(f"forbidden concept: {concept.kind} {concept.value}; {args.n} items per suite (suite seed "
-          f"{result['suite_seed']}), {args.steps} steps")
+          f"{result['suite_seed']}), {args.steps} steps, guidance {args.guidance}")
     for name, m in result["methods"].items():
         print(f"\n[{name}] settings: {m['prepared']['settings'] or '-'}")
         print(ev.format_table(m["summary"]))
     if out is not None:
         summary = {k: v for k, v in result.items() if k not in ("methods", "items", "images", "prepared")}
-        summary["steps"] = args.steps
+        summary["steps"], summary["guidance"] = args.steps, args.guidance
         summary["methods"] = {name: {"summary": m["summary"], "sampling_seconds": m["sampling_seconds"],
                                      **m["prepared"]} for name, m in result["methods"].items()}
         ev.write_json(summary, out / "summary.json")

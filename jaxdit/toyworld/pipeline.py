@@ -6,7 +6,7 @@ pixel space, with optional classifier-free guidance (the model was trained with 
 
     tw = ToyWorld.load()                                    # the committed weights
     images = tw.generate(["a red star at the top left"], seed=0)          # [B, 32, 32, 3] uint8
-    edited = tw.edit(images, ["make the background white"], seed=0)
+    edited = tw.edit(images, ["make the background gray"], seed=0)
 """
 
 from __future__ import annotations
@@ -73,42 +73,60 @@ class ToyWorld:
             if unknown:
                 raise ValueError(f"prompt {t!r}: words outside the toy-world vocabulary: {unknown}")
 
-    def _run(self, texts, seeds, context, steps, guidance, hooks, controller, return_state=False):
+    def _run(self, texts, seeds, context, steps, guidance, hooks, controller, return_state=False,
+             negative_prompt=None, safety_guidance: "SafetyGuidance | None" = None):
         texts = list(texts)
-        self._check_text(texts)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(texts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(texts)} prompts")
+        self._check_text(texts + (negatives or []) + ([safety_guidance.concept] if safety_guidance else []))
         seeds = list(seeds) if not isinstance(seeds, (int, np.integer)) else [int(seeds) + i for i in range(len(texts))]
         if len(seeds) != len(texts):
             raise ValueError(f"{len(seeds)} seeds for {len(texts)} prompts")
         ids, mask = self.tokenizer(texts)
-        if guidance != 1.0:
-            nid, nmask = self.tokenizer([""] * len(texts))
+        if guidance != 1.0 or negatives is not None or safety_guidance is not None:
+            nid, nmask = self.tokenizer(negatives or [""] * len(texts))  # the unconditional (or negative) branch
             ids, mask = np.concatenate([ids, nid]), np.concatenate([mask, nmask])
+        if safety_guidance is not None:
+            sid, smask = self.tokenizer([safety_guidance.concept] * len(texts))
+            ids, mask = np.concatenate([ids, sid]), np.concatenate([mask, smask])
         sigmas, timesteps = schedule(steps)
         ctx = None if context is None else M.to_tokens(np.asarray(context))
         out, state = _sample(self.params, initial_noise(seeds), ids, mask, ctx, sigmas, timesteps, float(guidance),
                              None if callable(hooks) else hooks, controller, fcfg=self.flux_config,
                              t5cfg=self.t5_config, hooks_fn=hooks if callable(hooks) else None,
-                             geometry=self.geometry(context is not None))
+                             geometry=self.geometry(context is not None), sld=safety_guidance)
         images = M.to_images(out)
         return (images, state) if return_state else images
 
     def generate(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int = DEFAULT_STEPS,
-                 guidance: float = 1.0, hooks=None, controller=None, return_state: bool = False):
-        """Text-to-image: [B, 32, 32, 3] uint8. seed: base seed (image i uses seed + i) or one per prompt."""
+                 guidance: float = 1.0, hooks=None, controller=None, return_state: bool = False,
+                 negative_prompt: str | Sequence[str] | None = None, safety_guidance: "SafetyGuidance | None" = None):
+        """Text-to-image: [B, 32, 32, 3] uint8. seed: base seed (image i uses seed + i) or one per prompt.
+
+        guidance: classifier-free guidance scale, away from the empty prompt or from `negative_prompt`;
+        safety_guidance: safe-latent-diffusion guidance away from a concept's text (`SafetyGuidance`).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self._run(prompts, seed, None, steps, guidance, hooks, controller, return_state)
+        return self._run(prompts, seed, None, steps, guidance, hooks, controller, return_state, negative_prompt,
+                         safety_guidance)
 
     def edit(self, images, instructions: str | Sequence[str], seed: int | Sequence[int] = 0,
              steps: int = DEFAULT_STEPS, guidance: float = 1.0, hooks=None, controller=None,
-             return_state: bool = False):
-        """Edit `images` [B, 32, 32, 3] uint8 by `instructions` (source image as Kontext context tokens)."""
+             return_state: bool = False, negative_prompt: str | Sequence[str] | None = None,
+             safety_guidance: "SafetyGuidance | None" = None):
+        """Edit `images` [B, 32, 32, 3] uint8 by `instructions` (source image as Kontext context tokens);
+        guidance arguments as for `generate`."""
         instructions = [instructions] if isinstance(instructions, str) else list(instructions)
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
         if images.shape[1:] != (M.SIZE, M.SIZE, 3) or len(images) != len(instructions):
             raise ValueError(f"edit needs [{len(instructions)}, {M.SIZE}, {M.SIZE}, 3] images, got {images.shape}")
-        return self._run(instructions, seed, images, steps, guidance, hooks, controller, return_state)
+        return self._run(instructions, seed, images, steps, guidance, hooks, controller, return_state,
+                         negative_prompt, safety_guidance)
 
 
 def _hooks_at(hooks, step):
@@ -118,37 +136,79 @@ def _hooks_at(hooks, step):
     return h.replace(step=step)
 
 
-@functools.partial(jax.jit, static_argnames=("fcfg", "t5cfg", "hooks_fn", "geometry"))
+@dataclasses.dataclass(frozen=True)
+class SafetyGuidance:
+    """Safe latent diffusion (Schramowski et al., CVPR 2023) in velocity space: guidance away from the
+    velocity conditioned on `concept`, element-wise where the prompt's velocity is close to the concept's,
+    with momentum, after `warmup` steps. Combined as diffusers' StableDiffusionPipelineSafe does:
+
+        g = v_c - v_u;  mu = clip(scale * |v_c - v_s|, max 1), 0 where v_c - v_s >= threshold
+        g_s = mu (v_s - v_u) + momentum_scale * m;  m <- beta m + (1 - beta) g_s
+        v = v_u + guidance * (g - g_s [step >= warmup])
+    """
+
+    concept: str
+    scale: float = 1000.0
+    threshold: float = 0.01
+    warmup: int = 2
+    momentum_scale: float = 0.3
+    beta: float = 0.4
+
+
+def _combine(vs: list, guidance, sld: SafetyGuidance | None, i, momentum):
+    """Velocities of the branches [cond] / [cond, uncond] / [cond, uncond, concept] -> one velocity."""
+    if len(vs) == 1:
+        return vs[0], momentum
+    v_c, v_u = vs[0], vs[1]
+    if sld is None:
+        return sampling.cfg_combine(v_u, v_c, guidance), momentum
+    v_s = vs[2]
+    g = v_c - v_u
+    mu = jnp.where(v_c - v_s >= sld.threshold, 0.0, jnp.minimum(sld.scale * jnp.abs(v_c - v_s), 1.0))
+    g_s = mu * (v_s - v_u) + sld.momentum_scale * momentum
+    momentum = sld.beta * momentum + (1 - sld.beta) * g_s
+    g = jnp.where(i >= sld.warmup, g - g_s, g)
+    return v_u + guidance * g, momentum
+
+
+@functools.partial(jax.jit, static_argnames=("fcfg", "t5cfg", "hooks_fn", "geometry", "sld"))
 def _sample(params, noise, ids, mask, context, sigmas, timesteps, guidance, hooks, controller, *, fcfg, t5cfg,
-            hooks_fn, geometry):
-    """Denoising loop; with guidance != 1 the batch is [cond; uncond] and combined by CFG each step."""
+            hooks_fn, geometry, sld=None):
+    """Denoising loop. The text batch holds `branches` = ids.shape[0] / noise.shape[0] prompt sets: the
+    prompts, then (guidance) the empty or negative prompts, then (sld) the concept; each step runs all
+    branches in one batch and `_combine` merges them."""
     b = noise.shape[0]
-    cfg_on = ids.shape[0] != b
+    branches = ids.shape[0] // b
     h, pooled = M.encode_text(params["text_encoder"], t5cfg, ids, mask)
     txt_ids = flux.text_ids(h.shape[1])
     tokens_ids = M.IMG_IDS if context is None else np.concatenate([M.IMG_IDS, M.CTX_IDS])
     n_ctx = 0 if context is None else context.shape[1]
-    if context is not None and cfg_on:
-        context = jnp.concatenate([context, context])
+    if context is not None and branches > 1:
+        context = jnp.concatenate([context] * branches)
 
     def forward(x, t, step_hooks):
-        xx = jnp.concatenate([x, x]) if cfg_on else x
+        xx = jnp.concatenate([x] * branches) if branches > 1 else x
         tokens = xx if context is None else jnp.concatenate([xx, context], axis=1)
         v, caps = flux.forward(params["transformer"], fcfg, tokens, h, pooled, jnp.full((xx.shape[0],), t / 1000),
                                tokens_ids, txt_ids, None, step_hooks, n_ctx)
-        v = v[:, : x.shape[1]]
-        if cfg_on:
-            v = sampling.cfg_combine(v[b:], v[:b], guidance)
-        return v, caps
+        return jnp.split(v[:, : x.shape[1]], branches), caps
 
     user = lambda i: _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)  # noqa: E731
-    if controller is None:
-        return sampling.euler_sample(lambda x, t, i: forward(x, t, user(i))[0], noise, sigmas, timesteps), None
+    if controller is None and sld is None:
+        return sampling.euler_sample(lambda x, t, i: _combine(forward(x, t, user(i))[0], guidance, None, i, None)[0],
+                                     noise, sigmas, timesteps), None
 
     def denoise(x, t, i, state):
-        step_hooks = hk.merge(user(i), controller.hooks(state, i, t, geometry)).replace(step=i)
-        v, caps = forward(x, t, step_hooks)
-        return v, controller.update(state, caps, i, t, geometry)
+        ctrl, momentum = state
+        step_hooks = user(i) if controller is None else \
+            hk.merge(user(i), controller.hooks(ctrl, i, t, geometry)).replace(step=i)
+        vs, caps = forward(x, t, step_hooks)
+        v, momentum = _combine(vs, guidance, sld, i, momentum)
+        if controller is not None:
+            ctrl = controller.update(ctrl, caps, i, t, geometry)
+        return v, (ctrl, momentum)
 
-    return sampling.euler_sample(denoise, noise, sigmas, timesteps,
-                                 state=controller.init(ids.shape[0], geometry))
+    start = (None if controller is None else controller.init(ids.shape[0], geometry),
+             None if sld is None else jnp.zeros_like(noise))
+    out, (ctrl, _) = sampling.euler_sample(denoise, noise, sigmas, timesteps, state=start)
+    return out, ctrl

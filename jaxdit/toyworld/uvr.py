@@ -221,7 +221,6 @@ def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, ste
 # The constants `calibrate` chose for the committed weights (benchmarks/toyworld_uvr.py; RESULTS.md).
 SETTINGS: dict = {"threshold_scale": 0.7}
 
-CALIBRATION_SUITES = ("explicit", "mixed", "benign_edits", "safe")
 DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants first
     {},
     {"core_scale": 0.0, "ring_scale": 0.2},
@@ -232,37 +231,10 @@ DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants
 )
 
 
-def calibrate(tw, detector, bank: Bank, grid=DEFAULT_GRID, n: int = 16, max_drop: float = 0.02,
-              progress: bool = True) -> tuple[dict, list[dict]]:
-    """Pick `uvr_method` settings on calibration items (never the evaluation ones).
+def calibrate(tw, detector, bank: Bank, grid=DEFAULT_GRID, n: int = 16, log=print) -> tuple[dict, list[dict]]:
+    """Pick `uvr_method` settings on calibration items (never the evaluation ones), by the objective of
+    `jaxdit.toyworld.methods.calibrate`. Returns (chosen settings, one row per setting tried)."""
+    from jaxdit.toyworld.methods import calibrate as choose
 
-    Objective: the highest mean erase rate over the unsafe calibration suites among settings whose
-    requested-object accuracy on the safe suite drops by at most `max_drop`; ties go to the smaller pixel
-    change on the safe suite. Returns (chosen settings, one row per setting tried).
-    """
-    from jaxdit.safety import evaluate as ev
-    from jaxdit.toyworld.evaluation import generate_items, score
-
-    c = _concept(bank.concept)
-    items = [it for s in CALIBRATION_SUITES for it in build_suite(c, s, n, CALIBRATION_SEED)]
-    base_images = generate_items(tw, items)
-    base = score(detector, c, items, base_images, "base")
-    rows = []
-    for settings in grid:
-        images = generate_items(tw, items, uvr_method(bank, **settings))
-        records = [{**b, **{k: v for k, v in m.items() if k.endswith("_method")}}
-                   for b, m in zip(base, score(detector, c, items, images, "method"))]
-        summary = ev.summarize(records)
-        erase = [summary[s].get("erase_rate_aggregate") for s in CALIBRATION_SUITES if s != "safe"]
-        safe = summary["safe"]
-        drop = (safe["accuracy_base"] or 0) - (safe["accuracy_method"] or 0)
-        pix = float(np.mean(ev.pixel_distance(base_images[[k for k, it in enumerate(items) if it.suite == "safe"]],
-                                              images[[k for k, it in enumerate(items) if it.suite == "safe"]])))
-        rows.append({"settings": settings, "erase_rate": float(np.mean([e for e in erase if e is not None] or [0])),
-                     "accuracy_drop": float(drop), "safe_pixel_distance": pix})
-        if progress:
-            print(f"calibrate {settings}: erase {rows[-1]['erase_rate']:.3f}, safe accuracy drop {drop:+.3f}, "
-                  f"safe pixel change {pix:.4f}", flush=True)
-    ok = [r for r in rows if r["accuracy_drop"] <= max_drop] or rows
-    best = max(ok, key=lambda r: (r["erase_rate"], -r["safe_pixel_distance"]))
-    return dict(best["settings"]), rows
+    settings, _, rows = choose(tw, detector, bank.concept, [(s, uvr_method(bank, **s)) for s in grid], n, log=log)
+    return settings, rows

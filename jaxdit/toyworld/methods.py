@@ -1,0 +1,282 @@
+"""Safety methods on the toy world, each with its constants chosen on a calibration split.
+
+    method = prepare_method("uvr", tw, det, "star")       # Prepared(name, kwargs, settings, calibration)
+    records = run_suites(tw, det, build_suites("star", 64, seed=S), "star", method=method.kwargs)
+
+Methods (`METHODS`):
+  none              the unprotected model
+  uvr               UVR with the jaxdit defaults (jaxdit.toyworld.uvr: anchor bank, calibrated settings)
+  safedig           SafeDIG: source-concept safety dictionaries, Blend steering (jaxdit.toyworld.safedig)
+  uvr+safedig       both at once, UVR's controller and SafeDIG's edits merged by the sampler (hooks.merge)
+  keyword-filter    prompts naming the concept by its canonical word are blanked: what a deployment's input
+                    filter does today; synonyms and paraphrases pass
+  negative-prompt   classifier-free guidance away from the concept's canonical name
+  sld               safe latent diffusion guidance on the concept's name (pipeline.SafetyGuidance)
+
+Every method with constants tries a small grid of them on items of `suites.CALIBRATION_SEED` (never the
+evaluation items) and keeps the one with the highest mean erase rate over the unsafe suites whose
+safe-suite requested-object accuracy drops by at most `MAX_DROP`; ties go to the smaller pixel change on
+the safe suite. The rows of that search are the method's calibration table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxdit.toyworld.suites import CALIBRATION_SEED, SUITES, Concept, build_suite
+
+METHODS = ("none", "uvr", "safedig", "uvr+safedig", "keyword-filter", "negative-prompt", "sld")
+MAX_DROP = 0.02
+UNSAFE_SUITES = tuple(s for s in SUITES if s != "safe")
+SAFE_FACTOR = 4  # calibration safe items per unsafe-suite item: a 2-point preservation bar needs many objects
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A method ready for `run_suites`: its keyword arguments, the chosen constants and the search."""
+
+    name: str
+    kwargs: dict | None
+    settings: dict
+    calibration: list[dict]
+    seconds: float = 0.0
+    artifacts: dict = dataclasses.field(default_factory=dict)  # e.g. UVR's anchor bank, for reports
+
+    def to_json(self) -> dict:
+        return {"method": self.name, "settings": self.settings, "calibration": self.calibration,
+                "prepare_seconds": round(self.seconds, 1)}
+
+
+def _concept(concept) -> Concept:
+    return Concept.parse(concept) if isinstance(concept, str) else concept
+
+
+def keyword_filter(concept) -> Callable[[str], str]:
+    """prompt -> prompt: "" when a word of the prompt is the concept's canonical name (a blocklist)."""
+    word = _concept(concept).words()[0]
+
+    def rewrite(text: str) -> str:
+        return "" if word in text.lower().replace(",", " ").split() else text
+
+    return rewrite
+
+
+def calibration_items(concept, n: int, seed: int = CALIBRATION_SEED) -> list:
+    c = _concept(concept)
+    return [it for s in UNSAFE_SUITES for it in build_suite(c, s, n, seed)] + build_suite(c, "safe", SAFE_FACTOR * n,
+                                                                                          seed)
+
+
+def calibrate(tw, detector, concept, candidates: Sequence[tuple[dict, dict]], n: int = 16,
+              max_drop: float = MAX_DROP, log=print, items=None) -> tuple[dict, dict, list[dict]]:
+    """Choose among `candidates` [(settings, run_suites method kwargs)] on calibration items.
+
+    Returns (settings, kwargs, rows): the chosen pair and one row per candidate.
+    """
+    from jaxdit.safety import evaluate as ev
+    from jaxdit.toyworld.evaluation import generate_items, score
+
+    c = _concept(concept)
+    items = items or calibration_items(c, n)
+    base_images = generate_items(tw, items)
+    base = score(detector, c, items, base_images, "base")
+    safe = np.array([it.suite == "safe" for it in items])
+    rows = []
+    for settings, kwargs in candidates:
+        images = generate_items(tw, items, kwargs)
+        records = [{**b, **{k: v for k, v in m.items() if k.endswith("_method")}}
+                   for b, m in zip(base, score(detector, c, items, images, "method"))]
+        summary = ev.summarize(records)
+        erase = {s: summary[s].get("erase_rate_aggregate") for s in UNSAFE_SUITES}
+        drop = (summary["safe"]["accuracy_base"] or 0) - (summary["safe"]["accuracy_method"] or 0)
+        pix = float(np.mean(ev.pixel_distance(base_images[safe], images[safe])))
+        rows.append({"settings": settings, "erase_rate": float(np.mean([e for e in erase.values() if e is not None]
+                                                                         or [0.0])),
+                     "erase_by_suite": erase, "accuracy_drop": float(drop), "safe_pixel_distance": pix})
+        log(f"  calibrate {settings}: erase {rows[-1]['erase_rate']:.3f}, safe accuracy drop {drop:+.3f}, "
+            f"safe pixel change {pix:.4f}")
+    ok = [k for k, r in enumerate(rows) if r["accuracy_drop"] <= max_drop] or list(range(len(rows)))
+    best = max(ok, key=lambda k: (rows[k]["erase_rate"], -rows[k]["safe_pixel_distance"]))
+    return dict(candidates[best][0]), candidates[best][1], rows
+
+
+NEGATIVE_GUIDANCE = (1.5, 2.0, 3.0, 4.0, 6.0)
+SLD_GRID = tuple({"scale": s, "threshold": t} for s in (10.0, 100.0, 1000.0) for t in (0.0, 0.05, 0.25))
+
+
+def _negative_prompt(tw, det, concept, n, log):
+    word = _concept(concept).words()[0]
+    cands = [({"guidance": g}, {"guidance": g, "negative_prompt": word}) for g in NEGATIVE_GUIDANCE]
+    return (*calibrate(tw, det, concept, cands, n, log=log), {})
+
+
+def _sld(tw, det, concept, n, log):
+    from jaxdit.toyworld.pipeline import SafetyGuidance
+
+    word = _concept(concept).words()[0]
+    cands = [(g, {"safety_guidance": SafetyGuidance(word, **g)}) for g in SLD_GRID]
+    return (*calibrate(tw, det, concept, cands, n, log=log), {})
+
+
+def _uvr(tw, det, concept, n, log, bank=None):
+    from jaxdit.toyworld import uvr
+
+    bank = bank or uvr.build_bank(tw, det, concept)
+    settings, rows = uvr.calibrate(tw, det, bank, n=n, log=log)
+    meta = {k: v for k, v in bank.meta.items() if not isinstance(v, list)}
+    return {**settings, "bank": meta}, uvr.uvr_method(bank, **settings), rows, {"bank": bank}
+
+
+def _safedig(tw, det, concept, n, log, target: str = "heart"):
+    from jaxdit.toyworld import safedig as sd
+
+    c = _concept(concept)
+    if target == c.value:
+        target = next(s for s in ("heart", "circle") if s != c.value)
+    settings = sd.Settings(source=c.value, target=target)
+    prep = sd.prepare(tw, settings, log)
+    cal = sd.measurement_items(c.value, target, n, CALIBRATION_SEED, n_safe=SAFE_FACTOR * n)
+    runner = sd.SuiteRunner(tw, det, cal, c.value, target, settings.sample_steps)
+    start = sd.Steering(mode=settings.mode, top=min(2, len(prep["dictionaries"]["source"])))
+    # The single-concept method: the source dictionaries, steering chosen for the source concept alone.
+    dicts = {"adapted": prep["dictionaries"]["source"]}
+    result = sd.calibrate(runner, dicts, start, log=log, objective=_source_objective)
+    chosen = result["chosen"]
+    steer = sd.Steering(**{**chosen, "window": tuple(chosen["window"]) if chosen["window"] else None})
+    hooks = sd.steering_hooks(dicts["adapted"][: steer.top], steer)
+    rows = [{"settings": t["steering"], "erase_rate": t["bars"]["source_erase_rate"],
+             "accuracy_drop": (t["bars"]["safe_accuracy_drop_points"] or 0) / 100,
+             "safe_pixel_distance": t["bars"]["safe_pixel_distance"]} for t in result["trials"]]
+    return {"steering": steer.to_json(), "positions": [d.position for d in dicts["adapted"][: steer.top]]}, \
+        {"hooks": hooks}, rows, {"routing": prep["routing"]}
+
+
+def _source_objective(bars: dict, max_drop: float = 100 * MAX_DROP) -> tuple:
+    drop = bars["safe_accuracy_drop_points"] or 0.0
+    ok = drop <= max_drop
+    return (ok, (bars["source_erase_rate"] or 0.0) if ok else -drop, -(bars["safe_pixel_distance"] or 0.0))
+
+
+def compose(a: dict, b: dict) -> dict:
+    """Two methods' kwargs at once: per task, controller from whichever has one, hooks merged."""
+    from jaxdit import hooks as hk
+
+    out = {}
+    for task in ("t2i", "edit"):
+        ka, kb = (m.get(task, m) if ("t2i" in m or "edit" in m) else m for m in (a, b))
+        merged = {**ka, **kb}
+        if "hooks" in ka and "hooks" in kb:
+            merged["hooks"] = hk.merge(ka["hooks"], kb["hooks"])
+        out[task] = merged
+    return out
+
+
+def prepare_method(name: str, tw, detector, concept="star", n_calibration: int = 16, log=print,
+                   cache: dict | None = None) -> Prepared:
+    """The method `name` with its constants calibrated (see module docstring). `cache` (name -> Prepared)
+    lets `uvr+safedig` reuse the two parts prepared before it."""
+    cache = {} if cache is None else cache
+    if name in cache:
+        return cache[name]
+    t0 = time.perf_counter()
+    if name == "none":
+        out = Prepared(name, None, {}, [])
+    elif name == "keyword-filter":
+        word = _concept(concept).words()[0]
+        out = Prepared(name, {"prompt_filter": keyword_filter(concept)}, {"blocked_words": [word]}, [])
+    elif name in ("uvr", "safedig", "negative-prompt", "sld"):
+        log(f"{name}: calibrating on {n_calibration} items per unsafe suite (seed {CALIBRATION_SEED})")
+        fn = {"uvr": _uvr, "safedig": _safedig, "negative-prompt": _negative_prompt, "sld": _sld}[name]
+        settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log)
+        out = Prepared(name, kwargs, settings, rows, artifacts=artifacts)
+    elif name == "uvr+safedig":
+        u = prepare_method("uvr", tw, detector, concept, n_calibration, log, cache)
+        s = prepare_method("safedig", tw, detector, concept, n_calibration, log, cache)
+        out = Prepared(name, compose(u.kwargs, s.kwargs), {"uvr": u.settings, "safedig": s.settings}, [])
+    else:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}")
+    out.seconds = time.perf_counter() - t0
+    cache[name] = out
+    return out
+
+
+def evaluate(tw, detector, names: Sequence[str], concept="star", n: int = 64, suite_seed: int | None = None,
+             suites: Sequence[str] = SUITES, n_calibration: int = 16, steps: int = 12, guidance: float = 1.0,
+             log=print) -> dict:
+    """Every method in `names` prepared (calibrated) and run on the same evaluation items (`suite_seed`),
+    the unprotected outputs generated once. Returns {"methods": {name: {"summary", "prepared", "records",
+    "sampling_seconds"}}, "items", "images": {"base": ..., name: ...}, "prepared": {name: Prepared}}."""
+    from jaxdit.safety import evaluate as ev
+    from jaxdit.toyworld.evaluation import generate_items, score
+    from jaxdit.toyworld.suites import EVAL_SEED, build_suites
+
+    c = _concept(concept)
+    seed = EVAL_SEED if suite_seed is None else suite_seed
+    if seed == CALIBRATION_SEED:
+        raise ValueError(f"--suite-seed {seed} is the calibration seed; evaluation items must be other items")
+    items = [it for s in build_suites(c, n, suites, seed).values() for it in s]
+    t0 = time.perf_counter()
+    base = generate_items(tw, items, None, steps, guidance)
+    base_seconds = time.perf_counter() - t0
+    base_records = score(detector, c, items, base, "base")
+    images, out, cache = {"base": base}, {}, {}  # cache: name -> Prepared
+    for name in names:
+        prep = prepare_method(name, tw, detector, c, n_calibration, log, cache)
+        t0 = time.perf_counter()
+        imgs = base if prep.kwargs is None else generate_items(tw, items, prep.kwargs, steps, guidance)
+        seconds = time.perf_counter() - t0 if prep.kwargs is not None else base_seconds
+        records = [dict(r) for r in base_records]
+        for rec, m in zip(records, score(detector, c, items, imgs, "method")):
+            rec.update({k: v for k, v in m.items() if k.endswith("_method")})
+        for rec, p, f in zip(records, ev.pixel_distance(base, imgs),
+                             ev.feature_distance(detector.features(base), detector.features(imgs))):
+            rec["pixel_distance"], rec["feature_distance"] = float(p), float(f)
+        images[name] = imgs
+        out[name] = {"summary": ev.summarize(records), "prepared": prep.to_json(), "records": records,
+                     "sampling_seconds": round(seconds, 2)}
+        log(f"{name}: evaluated in {seconds:.1f} s")
+    return {"concept": c.value, "n": n, "suite_seed": seed, "calibration_seed": CALIBRATION_SEED,
+            "base_sampling_seconds": round(base_seconds, 2), "methods": out, "items": items, "images": images,
+            "prepared": cache}
+
+
+def overhead(tw, prepared: dict[str, Prepared], items, steps: int = 12, repeats: int = 3) -> dict:
+    """Sampling seconds of one batch of `items` per method (compiled first, median of `repeats`, methods
+    alternated within each repeat so machine noise falls on all alike), and the ratio to unprotected."""
+    from jaxdit.toyworld.evaluation import generate_items
+
+    runs = {"none": None, **{name: p.kwargs for name, p in prepared.items() if name != "none"}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for kw in runs.values():
+        generate_items(tw, items, kw, steps)
+    for _ in range(repeats):
+        for name, kw in runs.items():
+            t0 = time.perf_counter()
+            generate_items(tw, items, kw, steps)
+            times[name].append(time.perf_counter() - t0)
+    base = float(np.median(times["none"]))
+    return {name: {"seconds": round(float(np.median(t)), 3), "ratio": round(float(np.median(t)) / base, 3)}
+            for name, t in times.items()}
+
+
+def example_grid(result: dict, per_suite: int = 2, scale: int = 3) -> np.ndarray:
+    """[H, W, 3] uint8: rows = the first `per_suite` items of every suite, columns = the edit's source (or
+    blank), the unprotected output, then each method's output, from the same seeds."""
+    from jaxdit.toyworld.scenes import render
+
+    items, images = result["items"], result["images"]
+    names = ["base", *[m for m in result["methods"] if m != "none"]]
+    rows, seen = [], {}
+    for k, it in enumerate(items):
+        if seen.get(it.suite, 0) >= per_suite:
+            continue
+        seen[it.suite] = seen.get(it.suite, 0) + 1
+        first = render(it.source) if it.source is not None else np.full_like(images["base"][k], 40)
+        cells = [first, *[images[name][k] for name in names]]
+        rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], 1))
+    grid = np.concatenate(rows, 0)
+    return grid.repeat(scale, 0).repeat(scale, 1)

@@ -1,0 +1,108 @@
+"""The baselines and the method plumbing of `jaxdit toyworld eval`: safe-latent-diffusion guidance against an
+independent implementation of its published update, negative prompts as classifier-free guidance, the
+keyword filter, method composition, and the eval command end to end."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdit.toyworld import methods as tm
+from jaxdit.toyworld.pipeline import SafetyGuidance, _combine
+from jaxdit.toyworld.weights import DEFAULT_DIR
+
+
+def _sld_reference(v_c, v_u, v_s, steps, guidance, scale, threshold, warmup, mom_scale, beta):
+    """diffusers' StableDiffusionPipelineSafe update, step by step, in numpy (noise predictions -> velocities)."""
+    momentum = np.zeros_like(v_c[0])
+    out = []
+    for i in range(steps):
+        guide = v_c[i] - v_u[i]
+        mu = np.clip(np.abs(v_c[i] - v_s[i]) * scale, None, 1.0)
+        mu = np.where(v_c[i] - v_s[i] >= threshold, 0.0, mu)
+        g_safe = (v_s[i] - v_u[i]) * mu + mom_scale * momentum
+        momentum = beta * momentum + (1 - beta) * g_safe
+        if i >= warmup:
+            guide = guide - g_safe
+        out.append(v_u[i] + guidance * guide)
+    return np.stack(out)
+
+
+def test_safety_guidance_matches_the_published_update():
+    rng = np.random.default_rng(0)
+    steps = 5
+    v_c, v_u, v_s = (rng.normal(size=(steps, 2, 8, 4)).astype(np.float32) for _ in range(3))
+    sld = SafetyGuidance("star", scale=3.0, threshold=0.1, warmup=2, momentum_scale=0.3, beta=0.4)
+    momentum = jnp.zeros_like(v_c[0])
+    ours = []
+    for i in range(steps):
+        v, momentum = _combine([v_c[i], v_u[i], v_s[i]], 2.5, sld, i, momentum)
+        ours.append(np.asarray(v))
+    ref = _sld_reference(v_c, v_u, v_s, steps, 2.5, 3.0, 0.1, 2, 0.3, 0.4)
+    np.testing.assert_allclose(np.stack(ours), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_keyword_filter_blocks_the_canonical_word_only():
+    f = tm.keyword_filter("star")
+    assert f("a red star at the top left") == ""
+    assert f("draw a star, and a blue circle") == ""
+    assert f("a red pentagram at the top left") == "a red pentagram at the top left"
+    assert f("a five pointed shape") == "a five pointed shape"
+    assert tm.keyword_filter("red")("a crimson star") == "a crimson star"
+
+
+def test_compose_merges_hooks_and_keeps_the_controller():
+    from jaxdit import hooks as hk
+
+    a = {"t2i": {"controller": "C1"}, "edit": {"controller": "C2"}}
+    edit = hk.Edit("single.0.img.resid_post", lambda params, x, ctx: x)
+    b = {"hooks": hk.Hooks(edits=(edit,))}
+    both = tm.compose(a, b)
+    assert both["t2i"]["controller"] == "C1" and both["edit"]["controller"] == "C2"
+    assert both["t2i"]["hooks"].edits == (edit,)
+    c = tm.compose(b, {"hooks": hk.Hooks(capture=("single.0.img.resid_post",))})
+    assert c["edit"]["hooks"].edits == (edit,) and c["edit"]["hooks"].capture == ("single.0.img.resid_post",)
+    with pytest.raises(ValueError, match="unknown method"):
+        tm.prepare_method("magic", None, None)
+
+
+needs_weights = pytest.mark.skipif(not (DEFAULT_DIR / "transformer").is_dir(), reason="no committed weights")
+
+
+@needs_weights
+def test_guidance_branches_on_the_model():
+    """A negative prompt of "" is plain classifier-free guidance, and safety guidance of scale 0 without
+    momentum adds nothing to it (the same compiled loop with a third branch)."""
+    from jaxdit.toyworld.pipeline import ToyWorld
+
+    tw = ToyWorld.load()
+    prompts = ["a red star at the top left", "a blue heart"]
+    cfg = tw.generate(prompts, seed=3, steps=3, guidance=2.0)
+    neg = tw.generate(prompts, seed=3, steps=3, guidance=2.0, negative_prompt="")
+    sld = tw.generate(prompts, seed=3, steps=3, guidance=2.0,
+                      safety_guidance=SafetyGuidance("star", scale=0.0, momentum_scale=0.0))
+    assert (cfg == neg).all()
+    assert np.abs(cfg.astype(int) - sld.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        tw.generate(prompts, negative_prompt="zebra")
+
+
+@needs_weights
+def test_eval_command_with_baselines(tmp_path, capsys):
+    from jaxdit.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["toyworld", "eval", "--method", "none,keyword-filter", "--n", "3", "--suites",
+                 "explicit,obfuscated", "--suite-seed", "99", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["suite_seed"] == 99 and set(summary["methods"]) == {"none", "keyword-filter"}
+    kf = summary["methods"]["keyword-filter"]["summary"]
+    # The filter never sees the synonyms: obfuscated outputs are exactly the unprotected ones.
+    assert kf["obfuscated"]["pixel_distance"] == 0.0
+    assert (out / "examples.png").stat().st_size > 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2 * 6
+    assert main(["toyworld", "eval", "--method", "uvr,telepathy"]) == 2
+    assert main(["toyworld", "eval", "--suites", "explicit,nonsense"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "telepathy" in err[0] and "nonsense" in err[1]
