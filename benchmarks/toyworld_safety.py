@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld import methods as tm
     from jaxdit.toyworld.detector import Detector
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     from jaxdit.toyworld.suites import build_suite
 
     out = Path(args.out).absolute()
-    ev.check_writable(out)
+    check_writable(out, "--out")
     t0 = time.perf_counter()
     tw, det = ToyWorld.load(args.weights), Detector.load(args.weights)
     names = tuple(args.methods.split(","))

@@ -6,17 +6,20 @@ Layout of a checkpoint directory:
     OUT/config.json     the model config (jaxdit.configs `to_json`)
     OUT/params/         orbax StandardCheckpointer tree
 
-The directory is assembled under a temporary name beside OUT and renamed when complete, so an
-interrupted write leaves no OUT behind.
+The directory is assembled under a temporary name beside OUT (`.OUT.tmp-PID-HEX`) and renamed when
+complete, so an interrupted write leaves no OUT behind; the next write of the same OUT removes such
+leftovers (with a warning). Every writer here checks first that its output can be written at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import jax
@@ -33,14 +36,61 @@ def is_checkpoint(path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def check_writable(out: str | os.PathLike, flag: str | None = None) -> Path:
+    """`out` as an absolute path, once it is known that it can be created: its nearest existing parent is
+    a directory this process can write in (missing parents are created when writing). Refused in one
+    line naming `flag` (e.g. "--out") and the path, so a command fails before doing any work."""
+    out = Path(out).absolute()
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    where = f"{flag} {out}" if flag else str(out)
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{where}: cannot be written, {parent} is not a directory")
+    probe = parent / f".{out.name}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{where}: cannot be written, {parent} is not writable ({e.strerror})") from None
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def temporary_beside(out: str | os.PathLike) -> Path:
+    """A fresh temporary path beside `out` (`.NAME.tmp-PID-HEX`, renamed onto `out` when complete).
+    Temporaries of the same `out` left by processes no longer running (a killed run) are removed first,
+    each with a warning."""
+    out = Path(out).absolute()
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = stale.name.rpartition(".tmp-")[2].partition("-")[0]
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        warnings.warn(f"removed {stale}, left behind by an interrupted run")
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory that becomes `out` only if the block completes."""
-    out = Path(out).absolute()
+    out = check_writable(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{out} already exists (--overwrite replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_beside(out)
     tmp.mkdir()
     try:
         yield tmp
@@ -69,9 +119,12 @@ def load_config(path):
         meta = json.loads((path / MARKER).read_text())
         if meta.get("format") != FORMAT["format"]:
             raise ValueError(f"format {meta.get('format')!r}")
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable jaxdit checkpoint ({e})") from None
+    try:
         return config_from_json(json.loads((path / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a readable jaxdit checkpoint ({e})") from None
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
 def restore_checkpoint(path, mesh=None, dtype=None, shardings_fn=None):
@@ -85,11 +138,13 @@ def restore_checkpoint(path, mesh=None, dtype=None, shardings_fn=None):
     ckptr = ocp.StandardCheckpointer()
     meta = ckptr.metadata(path / "params").item_metadata.tree
 
-    def cast(m):
-        floating = jax.numpy.issubdtype(m.dtype, jax.numpy.floating)
-        return jax.ShapeDtypeStruct(m.shape, dtype if (dtype is not None and floating) else m.dtype)
+    def cast(key_path, m):
+        if not jax.numpy.issubdtype(m.dtype, jax.numpy.floating):
+            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(key_path, simple=True, separator='/')} "
+                                  f"is {m.dtype}; weights must be floating point")
+        return jax.ShapeDtypeStruct(m.shape, dtype if dtype is not None else m.dtype)
 
-    abstract = jax.tree_util.tree_map(cast, meta)
+    abstract = jax.tree_util.tree_map_with_path(cast, meta)
     if mesh is not None:
         shardings = shardings_fn(abstract, mesh)
         abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -74,8 +74,9 @@ def _progress(desc: str, total: int):
     return lambda it: tqdm(it, desc=desc, total=total, unit="tensor", leave=False, disable=None)
 
 
-def read_torch_checkpoint(path, dtype=None, config=None):
-    """(config, numpy params) from a diffusers folder or an original single file."""
+def read_torch_checkpoint(path, dtype=None, config=None, allow_nonfinite: bool = True):
+    """(config, numpy params) from a diffusers folder or an original single file; NaN / inf weights warn
+    (`allow_nonfinite`) or are refused (see `convert.tree.fill_params`)."""
     path = Path(path)
     refuse_pickle(path)
     if not path.exists():
@@ -109,7 +110,8 @@ def read_torch_checkpoint(path, dtype=None, config=None):
         rename = fam.original_renamer(config) if fam.original_renamer else fam.rename_original
     params = fill_params(source, fam.abstract_params(config), fam.stacks(config), rename,
                          dtype=None if dtype is None else jnp.dtype(dtype),
-                         progress=_progress(f"reading {path.name}", len(source.keys())))
+                         progress=_progress(f"reading {path.name}", len(source.keys())),
+                         allow_nonfinite=allow_nonfinite)
     return config, params
 
 
@@ -132,11 +134,15 @@ def load_transformer(path, mesh=None, dtype=None, config=None):
     return config, params
 
 
-def convert(src, out, dtype=None, overwrite: bool = False, config=None) -> Path:
-    """Convert a PyTorch checkpoint (any accepted form) into a jaxdit checkpoint directory at `out`."""
+def convert(src, out, dtype=None, overwrite: bool = False, config=None, allow_nonfinite: bool = False) -> Path:
+    """Convert a PyTorch checkpoint (any accepted form) into a jaxdit checkpoint directory at `out`.
+
+    Refused before reading when `out` cannot be written or exists (without `overwrite`); weights holding
+    NaN or inf are refused unless `allow_nonfinite` (then they are converted, with a warning)."""
+    ckpt.check_writable(out)
     if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
-    config, params = read_torch_checkpoint(src, dtype, config)
+        raise FileExistsError(f"{out} already exists (--overwrite replaces it)")
+    config, params = read_torch_checkpoint(src, dtype, config, allow_nonfinite)
     return ckpt.save_checkpoint(out, config, params, overwrite=overwrite)
 
 

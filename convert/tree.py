@@ -8,9 +8,11 @@ a Linear `weight [out, in]` becomes `kernel [in, out]`, a conv `weight [O, I, kh
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.convert.safetensors_io import CheckpointError
@@ -90,17 +92,21 @@ def fill_params(
     rename: Callable[[str, np.ndarray], list[tuple[str, np.ndarray]]] = lambda k, t: [(k, t)],
     dtype=None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    allow_nonfinite: bool = True,
 ):
     """Stream tensors from `source` into a numpy parameter tree shaped like `abstract`.
 
     `rename` maps a source tensor to diffusers-named tensors (identity for diffusers checkpoints; the
     original layouts split fused tensors here). Only the output tree and one source tensor are held
     in memory. Missing, unexpected, duplicated and mis-shaped tensors raise `CheckpointError` naming the
-    key, the file, and both shapes.
+    key, the file, and both shapes; so do tensors that are not floating point. Tensors holding NaN or inf
+    raise it too, naming the first, unless `allow_nonfinite`: then one warning names the first and how
+    many there are.
     """
     expected = flatten(abstract)
     out: dict[Path_, np.ndarray] = {}
     filled: dict[Path_, np.ndarray] = {}
+    nonfinite: list[tuple[str, int]] = []  # (where, count) of tensors holding NaN / inf
     for path, leaf in expected.items():
         stacked = path[0] in stacks
         out[path] = None  # allocated on first write, in the checkpoint's dtype unless `dtype` is given
@@ -131,6 +137,14 @@ def fill_params(
             slot = layer if stacked else 0
             if filled[path][slot]:
                 raise CheckpointError(f"duplicate tensor {where}")
+            if not jnp.issubdtype(arr.dtype, jnp.floating):
+                raise CheckpointError(f"tensor {where} is {arr.dtype}; weights must be floating point")
+            bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+            if bad and not allow_nonfinite:
+                raise CheckpointError(f"tensor {where} holds {bad} NaN or inf value(s) of {arr.size} "
+                                      "(--allow-nonfinite converts it anyway)")
+            if bad:
+                nonfinite.append((where, bad))
             if out[path] is None:
                 out[path] = np.empty(want, dtype or arr.dtype)
             if stacked:
@@ -147,4 +161,8 @@ def fill_params(
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise CheckpointError(f"missing tensors in {source.path}: {shown}")
+    if nonfinite:
+        where, bad = nonfinite[0]
+        others = f"; {len(nonfinite)} tensors hold some" if len(nonfinite) > 1 else ""
+        warnings.warn(f"tensor {where} holds {bad} NaN or inf value(s){others}: outputs will not be finite")
     return unflatten(out)

@@ -12,20 +12,86 @@
     (generate / edit take --uvr BANK to restrict that concept)
 
 Errors in the input (a missing file, a bad checkpoint, a wrong flag value) print one line naming what is
-wrong and exit with status 2; nothing half-written is left behind.
+wrong, "jaxdit SUBCOMMAND: error: ...", and exit with status 2, before any work where they can be known
+before it; nothing half-written is left behind. Warnings print one line each, "jaxdit SUBCOMMAND:
+warning: ...". docs/errors.md lists them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A command line the parser refuses; the message is the whole line to print."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its refusals as one line ("jaxdit generate: error: argument --steps: ...") instead of
+    the usage text, raised so `main` returns status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _number(parse, ok, expected: str):
+    """An argparse `type=` refusing values outside `ok`; argparse puts the flag's name before the message."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "a seed in [0, 2^32)")
+finite_float = _number(float, math.isfinite, "a finite number")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+fraction_below_one = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def read_text(path, flag: str) -> str:
+    """A UTF-8 text file given by `flag`; a missing, unreadable or non-UTF-8 file is refused naming both."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+
+
+def read_image(path, flag: str = "--image"):
+    """An RGB PIL image given by `flag`; refused in one line naming it when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{flag} {path}: cannot read an image ({e})") from None
 
 
 def _convert(args) -> int:
     from jaxdit.convert import convert
 
-    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                  allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
     return 0
 
@@ -33,6 +99,10 @@ def _convert(args) -> int:
 def _parity(args) -> int:
     from jaxdit.parity import run_component_parity, run_parity, write_json
 
+    if args.json not in (None, "-"):
+        from jaxdit.convert.checkpoint import check_writable
+
+        check_writable(args.json, "--json")
     if args.component != "transformer":
         if args.model is None or args.dtype != "float32":
             raise ValueError(f"--component {args.component} compares a checkpoint folder (--model) at float32")
@@ -60,12 +130,10 @@ def _size(text: str) -> tuple[int, int]:
     try:
         parts = [int(v) for v in text.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or WIDTHxHEIGHT") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[1], parts[0]
-    raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or WIDTHxHEIGHT")
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT in positive pixels, got {text!r}")
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[1], parts[0])
 
 
 def _outputs(out: str, n: int) -> list[str]:
@@ -75,35 +143,49 @@ def _outputs(out: str, n: int) -> list[str]:
     return [f"{stem}_{i}.{ext}" for i in range(n)]
 
 
+def _edit_sizes(pipe, image, args) -> dict:
+    """The edit's size arguments, printed before they are used. With --size WxH the output is WxH and the
+    auto-resized context image has W*H pixels (at the preferred Kontext aspect nearest the input's);
+    without --size the sizes are diffusers' (context at a preferred resolution of about 1024x1024, output
+    about 1024x1024 pixels at the context's aspect). --no-auto-resize keeps the input's own size for the
+    context and, without --size, for the output."""
+    kw = {"auto_resize": not args.no_auto_resize}
+    if args.size is not None:
+        kw.update(height=args.size[0], width=args.size[1], max_area=args.size[0] * args.size[1],
+                  context_area=args.size[0] * args.size[1])
+    elif args.no_auto_resize:
+        (w, h), _ = pipe.edit_sizes(image.size, auto_resize=False)
+        kw.update(height=h, width=w, max_area=w * h)
+    (cw, ch), (ow, oh) = pipe.edit_sizes(image.size, **kw)
+    f = 2 * pipe.vae_scale_factor
+    print(f"context image {image.size[0]}x{image.size[1]} -> {cw}x{ch} ({cw // f * (ch // f)} tokens); "
+          f"output {ow}x{oh} ({ow // f * (oh // f)} tokens)")
+    return kw
+
+
 def _generate(args, editing: bool = False) -> int:
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.pipeline import load_pipeline, save_png
+    from jaxdit.safety.uvr.cli import controller_from_args
 
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out {args.out}: must name a .png file")
+    check_writable(args.out, "--out")
+    image = read_image(args.image) if editing else None
+    controller = controller_from_args(args, editing)
     pipe = load_pipeline(args.model, dtype=args.dtype, editing=editing)
     kw = dict(num_inference_steps=args.steps, seed=args.seed, num_images_per_prompt=args.num_images)
     if args.guidance is not None:
         kw["guidance_scale"] = args.guidance
     if args.max_sequence_length is not None:
         kw["max_sequence_length"] = args.max_sequence_length
-    if args.size is not None:
-        kw["height"], kw["width"] = args.size
-    from jaxdit.safety.uvr.cli import controller_from_args
-
-    controller = controller_from_args(args, editing)
     if controller is not None:
         kw["controller"] = controller
     if editing:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            image = Image.open(args.image).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"--image {args.image}: cannot read an image ({e})") from None
-        if args.size is not None:
-            kw["max_area"] = kw["height"] * kw["width"]
-        images = pipe(image, args.prompt, auto_resize=not args.no_auto_resize, **kw)
+        images = pipe(image, args.prompt, **kw, **_edit_sizes(pipe, image, args))
     else:
+        if args.size is not None:
+            kw["height"], kw["width"] = args.size
         images = pipe(args.prompt, **kw)
     for image, path in zip(images, _outputs(args.out, len(images))):
         print(f"wrote {save_png(image, path)}")
@@ -118,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxdit.train import cli as sae_cli
     from jaxdit.toyworld import cli as toyworld_cli
 
-    p = argparse.ArgumentParser(prog="jaxdit", description="FLUX.1 / SD3.x diffusion transformers in JAX")
+    p = Parser(prog="jaxdit", description="FLUX.1 / SD3.x diffusion transformers in JAX")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint (safetensors) to a jaxdit orbax checkpoint",
@@ -129,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast floating parameters (default: keep the checkpoint's dtype)")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--allow-nonfinite", action="store_true",
+                   help="write weights holding NaN or inf (refused by default, naming the first such tensor)")
     c.set_defaults(fn=_convert)
 
     r = sub.add_parser("parity", help="per-block numerical comparison against the diffusers model")
@@ -138,17 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--component", default="transformer",
                    choices=["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "pipeline"],
                    help="which part of a --model pipeline folder to compare (default: the transformer)")
-    r.add_argument("--steps", type=int, default=4, help="denoising steps for --component pipeline")
+    r.add_argument("--steps", type=positive_int, default=4, help="denoising steps for --component pipeline")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    r.add_argument("--batch", type=int, default=1)
-    r.add_argument("--height", type=int, help="image height in pixels (multiple of 16)")
-    r.add_argument("--width", type=int, help="image width in pixels (multiple of 16)")
-    r.add_argument("--text-tokens", type=int, help="text sequence length")
+    r.add_argument("--batch", type=positive_int, default=1)
+    r.add_argument("--height", type=positive_int, help="image height in pixels (multiple of 16)")
+    r.add_argument("--width", type=positive_int, help="image width in pixels (multiple of 16)")
+    r.add_argument("--text-tokens", type=positive_int, help="text sequence length")
     r.add_argument("--kontext", action="store_true", help="append Kontext context-image tokens")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=seed_int, default=0)
     r.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the report as JSON to FILE (or stdout when no FILE is given)")
-    r.add_argument("--max-rel", type=float, help="exit 1 if the output relative error exceeds this")
+    r.add_argument("--max-rel", type=non_negative_float, help="exit 1 if the output relative error exceeds this")
     r.set_defaults(fn=_parity)
 
     for name, editing in (("generate", False), ("edit", True)):
@@ -159,16 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
         if editing:
             g.add_argument("--image", required=True, help="input image (PNG, JPEG, ...)")
             g.add_argument("--no-auto-resize", action="store_true",
-                           help="keep the input size instead of Kontext's preferred resolutions")
+                           help="keep the input's size for the context image (and, without --size, the output) "
+                                "instead of Kontext's preferred resolutions")
         g.add_argument("--prompt", required=True)
         g.add_argument("--out", required=True, help="output .png (with --num-images N: OUT_i.png)")
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--steps", type=int, default=28)
-        g.add_argument("--size", type=_size, help="N or WIDTHxHEIGHT in pixels (default: the model's)")
-        g.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+        g.add_argument("--seed", type=seed_int, default=0)
+        g.add_argument("--steps", type=positive_int, default=28)
+        g.add_argument("--size", type=_size, help="N or WIDTHxHEIGHT in pixels (default: the model's)" + (
+            "; the output size, and the pixel count the context image is auto-resized to" if editing else ""))
+        g.add_argument("--guidance", type=finite_float, help="guidance scale (default: the pipeline's)")
         g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-        g.add_argument("--num-images", type=int, default=1)
-        g.add_argument("--max-sequence-length", type=int)
+        g.add_argument("--num-images", type=positive_int, default=1)
+        g.add_argument("--max-sequence-length", type=positive_int)
         uvr_cli.add_generation_options(g)
         g.set_defaults(fn=lambda a, e=editing: _generate(a, e))
     uvr_cli.register(sub)
@@ -179,15 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_name(args) -> str:
+    """'jaxdit sae train': the command and its sub-command, for messages."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return " ".join(["jaxdit", args.command] + ([sub] if sub else []))
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     from jaxdit.convert.safetensors_io import CheckpointError
 
-    try:
-        return args.fn(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"jaxdit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    from tqdm.auto import tqdm
+
+    name = _command_name(args)
+    with warnings.catch_warnings():
+        # one line each, clear of any progress bar on the terminal
+        warnings.showwarning = lambda message, *_, **__: tqdm.write(f"{name}: warning: {message}", file=sys.stderr)
+        try:
+            return args.fn(args)
+        except (CheckpointError, OSError, ValueError, KeyError) as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"{name}: error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

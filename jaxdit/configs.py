@@ -9,9 +9,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a field annotation (int, float, bool, str, None, unions, tuple[X, ...])."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if isinstance(value, bool):  # a JSON true is no number
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list ({_type_name(typing.get_args(hint)[0])} each)"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_field_types(cls, fields: dict[str, Any]) -> None:
+    """Refuse a value read from a config file whose type does not fit its dataclass field of `cls`
+    (`"num_layers": "two"`), naming the field; names that are not fields are left to the caller."""
+    hints = typing.get_type_hints(cls)
+    for name, value in fields.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise ValueError(f"field {name!r} is {value!r}, expected {_type_name(hints[name])}")
 
 
 class _TransformerConfig:
@@ -88,6 +121,7 @@ class FluxConfig(_TransformerConfig):
         unknown = sorted(k for k in cfg if k not in known and not k.startswith("_"))
         if unknown:
             raise ValueError(f"FLUX config has fields this version does not know: {unknown}")
+        check_field_types(cls, fields)
         if "axes_dims_rope" in fields:
             fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
         fields.update(overrides)
@@ -158,6 +192,7 @@ class SD3Config(_TransformerConfig):
         if unknown:
             raise ValueError(f"SD3 config has fields this version does not know: {unknown}")
         fields = {k: v for k, v in cfg.items() if k in known}
+        check_field_types(cls, {k: v for k, v in fields.items() if k != "dual_attention_layers" or v is not None})
         fields["dual_attention_layers"] = tuple(fields.get("dual_attention_layers") or ())
         return cls(**{**fields, **overrides})
 
@@ -241,6 +276,7 @@ def config_from_json(d: dict[str, Any]):
     if family not in classes:
         raise ValueError(f"config family {family!r} unknown; expected one of {sorted(classes)}")
     cls = classes[family]
+    check_field_types(cls, d)
     for k, v in d.items():
         if isinstance(v, list):
             d[k] = tuple(v)

@@ -3,6 +3,10 @@
     pipe = FluxPipeline.from_pretrained("FLUX.1-dev/")          # diffusers layout (model_index.json)
     images = pipe("a red star", height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5, seed=0)
 
+diffusers spellings are understood where they have a JAX meaning: `from_pretrained(..., torch_dtype=...)`
+is `dtype`, `generator=` is an int seed or a `jax.random` key (a torch.Generator is refused, naming
+`seed`), and the returned list of images also answers `.images`.
+
 Each pipeline mirrors its diffusers counterpart step for step (prompt encoding, latent packing and ids,
 schedule, guidance, decoding), so with the same initial noise the results agree with diffusers. The
 denoising loop is one compiled program (`jaxdit.sampling.euler_sample`); `hooks` (a `jaxdit.hooks.Hooks`,
@@ -26,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from jaxdit import flux, hooks as hk, sampling, text, vae
+from jaxdit.configs import check_field_types
 from jaxdit.convert.safetensors_io import CheckpointError
 
 
@@ -94,7 +99,46 @@ def _scheduler(root: Path, default: sampling.SchedulerConfig) -> sampling.Schedu
     f = root / "scheduler" / "scheduler_config.json"
     if not f.is_file():
         return default
-    return sampling.SchedulerConfig.from_diffusers(json.loads(f.read_text()), str(f))
+    try:
+        raw = json.loads(f.read_text())
+        check_field_types(sampling.SchedulerConfig, {k: v for k, v in raw.items() if v is not None})
+    except ValueError as e:
+        raise CheckpointError(f"{f}: {e}") from None
+    return sampling.SchedulerConfig.from_diffusers(raw, str(f))
+
+
+def _dtype_name(dtype: str | None, torch_dtype) -> str | None:
+    """jaxdit's `dtype` from it or from diffusers' `torch_dtype` (torch.bfloat16, "bfloat16", "auto")."""
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None:
+        raise TypeError("give dtype or torch_dtype, not both")
+    name = str(torch_dtype).removeprefix("torch.")
+    if name == "auto":  # diffusers: the checkpoint's own dtype, jaxdit's dtype=None
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise TypeError(f"torch_dtype={torch_dtype}: jaxdit takes dtype='float32', 'bfloat16' or 'float16'")
+    return name
+
+
+def _noise_key(seed) -> jax.Array:
+    """The noise key from a `seed` int or diffusers' `generator` spelling: an int or a `jax.random` key."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return jax.random.key(seed)
+    if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    if isinstance(seed, jax.Array) and seed.shape == (2,) and seed.dtype == jnp.uint32:  # jax.random.PRNGKey
+        return jax.random.wrap_key_data(seed)
+    raise TypeError(f"a {type(seed).__name__} cannot seed the noise: pass seed=INT or generator=jax.random.key(INT) "
+                    "(a torch.Generator has no JAX meaning)")
+
+
+class Images(list):
+    """The generated PIL images: a list, which also answers diffusers' `output.images`."""
+
+    @property
+    def images(self) -> list:
+        return self
 
 
 def to_pil(images: np.ndarray):
@@ -107,7 +151,7 @@ def to_pil(images: np.ndarray):
 
 def _postprocess(images, output_type: str):
     if output_type == "pil":
-        return to_pil(images)
+        return Images(to_pil(images))
     if output_type == "np":  # [B, H, W, 3] in [0, 1], like diffusers' output_type="np"
         return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     raise ValueError(f"output_type={output_type!r}: expected 'pil', 'np' or 'latent'")
@@ -163,12 +207,14 @@ class FluxPipeline(_StepProgress):
     default_max_sequence_length: int = 512
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None, mesh=None, **overrides):
+    def from_pretrained(cls, path, dtype: str | None = None, mesh=None, *, torch_dtype=None):
         """Load every component of a local diffusers FLUX folder (`transformer/` may be a jaxdit checkpoint).
 
-        dtype: compute dtype and parameter dtype of all components ("bfloat16" on accelerators).
+        dtype: compute dtype and parameter dtype of all components ("bfloat16" on accelerators);
+        `torch_dtype` (diffusers' spelling) says the same.
         mesh: shard the transformer and T5 on this mesh.
         """
+        dtype = _dtype_name(dtype, torch_dtype)
         root, parts, tcfg, tparams = _load_components(path, "flux", dtype, mesh)
         ccfg, cparams = text.load_text_encoder(parts["text_encoder"], dtype=dtype)
         t5cfg, t5params = text.load_text_encoder(parts["text_encoder_2"], dtype=dtype, mesh=mesh)
@@ -178,7 +224,7 @@ class FluxPipeline(_StepProgress):
         default = sampling.FLUX_DEV_SCHEDULER if tcfg.guidance_embeds else sampling.FLUX_SCHNELL_SCHEDULER
         return cls(tcfg, tparams, ccfg, cparams, text.load_tokenizer(parts["tokenizer"]), t5cfg, t5params,
                    text.load_tokenizer(parts["tokenizer_2"]), vcfg, vparams, _scheduler(root, default),
-                   **({} if tcfg.guidance_embeds else {"default_max_sequence_length": 256}), **overrides)
+                   **({} if tcfg.guidance_embeds else {"default_max_sequence_length": 256}))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -209,7 +255,7 @@ class FluxPipeline(_StepProgress):
             return None
         return jnp.full((batch,), scale, jnp.float32)
 
-    def _check_latents(self, latents, batch: int, height: int, width: int, seed: int) -> jax.Array:
+    def _check_latents(self, latents, batch: int, height: int, width: int, seed) -> jax.Array:
         if latents is None:
             return self.initial_latents(batch, height, width, seed)
         gh, gw = self._token_grid(height, width)
@@ -218,11 +264,11 @@ class FluxPipeline(_StepProgress):
             raise ValueError(f"latents: expected packed shape {want} for {height}x{width}, got {tuple(latents.shape)}")
         return jnp.asarray(latents)
 
-    def initial_latents(self, batch: int, height: int, width: int, seed: int) -> jax.Array:
-        """Packed noise [B, (h/2)(w/2), 4C] drawn from `seed` (deterministic)."""
+    def initial_latents(self, batch: int, height: int, width: int, seed) -> jax.Array:
+        """Packed noise [B, (h/2)(w/2), 4C] drawn from `seed`, an int or a jax.random key (deterministic)."""
         h, w = self._latent_grid(height, width)
         channels = self.transformer_config.in_channels // 4
-        noise = jax.random.normal(jax.random.key(seed), (batch, channels, h, w), jnp.float32)
+        noise = jax.random.normal(_noise_key(seed), (batch, channels, h, w), jnp.float32)
         return flux.pack_latents(noise)
 
     def _sample(self, latents, grid, embeds, pooled, guidance, sigmas, timesteps, context=None, context_ids=None,
@@ -254,11 +300,13 @@ class FluxPipeline(_StepProgress):
                  num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0,
                  latents: jax.Array | None = None, max_sequence_length: int | None = None,
                  num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
-                 progress: bool = True, controller=None):
+                 progress: bool = True, controller=None, generator=None):
+        """`generator`, diffusers' spelling, replaces `seed`: an int or a jax.random key."""
+        key = _noise_key(seed if generator is None else generator)
         prompts = _prompts(prompt, num_images_per_prompt)
         grid = self._token_grid(height, width)
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length or self.default_max_sequence_length)
-        latents = self._check_latents(latents, len(prompts), height, width, seed)
+        latents = self._check_latents(latents, len(prompts), height, width, key)
         sigmas, timesteps = sampling.flux_schedule(self.scheduler, num_inference_steps, latents.shape[1])
         out = self._sample(latents, grid, embeds, pooled, self._guidance(len(prompts), guidance_scale), sigmas,
                            timesteps, hooks=hooks, progress=progress, controller=controller)
@@ -271,34 +319,55 @@ class FluxPipeline(_StepProgress):
 class FluxKontextPipeline(FluxPipeline):
     """FLUX.1 Kontext editing (diffusers `FluxKontextPipeline`): context-image tokens after the noise."""
 
-    def prepare_image(self, image, auto_resize: bool = True) -> tuple[np.ndarray, int, int]:
-        """PIL image -> ([1, 3, H, W] in [-1, 1], H, W), resized as diffusers' Kontext pipeline does."""
-        from PIL import Image
-
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"image: expected a PIL image, got {type(image).__name__}")
+    def edit_sizes(self, image_size: tuple[int, int], height: int | None = None, width: int | None = None,
+                   max_area: int = 1024 ** 2, auto_resize: bool = True,
+                   context_area: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((context width, height), (output width, height)) of an edit of an image of `image_size` (w, h),
+        known before any work. The context image is resized, with auto_resize, to the preferred Kontext
+        resolution nearest its aspect (about 1024x1024, as diffusers does), scaled to `context_area`
+        pixels when that is given; without auto_resize it keeps its own size. The output has the aspect
+        of width / height (default: the context's) and about `max_area` pixels. Every side is rounded
+        down to a multiple of 2 x the VAE factor."""
         multiple = self.vae_scale_factor * 2
-        w, h = image.size
+        w, h = image_size
         if auto_resize:
             _, w, h = min((abs(w / h - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
-        w, h = w // multiple * multiple, h // multiple * multiple
-        if (w, h) != image.size:
-            image = image.resize((w, h), resample=Image.LANCZOS)
+            if context_area is not None:
+                scale = (context_area / (w * h)) ** 0.5
+                w, h = round(w * scale), round(h * scale)
+        context = w // multiple * multiple, h // multiple * multiple
+        aspect = (width or context[0]) / (height or context[1])
+        output = (round((max_area * aspect) ** 0.5) // multiple * multiple,
+                  round((max_area / aspect) ** 0.5) // multiple * multiple)
+        if 0 in context + output:
+            raise ValueError(f"an edit of a {image_size[0]}x{image_size[1]} image: context {context[0]}x{context[1]}"
+                             f", output {output[0]}x{output[1]}; every side needs at least {multiple} pixels")
+        return context, output
+
+    def prepare_image(self, image, size: tuple[int, int]) -> np.ndarray:
+        """PIL image -> [1, 3, H, W] in [-1, 1], resized to `size` (w, h) (see `edit_sizes`)."""
+        from PIL import Image
+
+        if image.size != tuple(size):
+            image = image.resize(tuple(size), resample=Image.LANCZOS)
         x = np.asarray(image.convert("RGB"), np.float32) / 255.0
-        return (x.transpose(2, 0, 1)[None] * 2 - 1).astype(np.float32), h, w
+        return (x.transpose(2, 0, 1)[None] * 2 - 1).astype(np.float32)
 
     def __call__(self, image, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 28, guidance_scale: float = 3.5, seed: int = 0,
                  latents: jax.Array | None = None, max_sequence_length: int | None = None,
                  num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
-                 progress: bool = True, max_area: int = 1024 ** 2, auto_resize: bool = True, controller=None):
-        f2 = self.vae_scale_factor * 2
-        pixels, img_h, img_w = self.prepare_image(image, auto_resize)
-        height = height or img_h
-        width = width or img_w
-        aspect = width / height
-        width = round((max_area * aspect) ** 0.5) // f2 * f2
-        height = round((max_area / aspect) ** 0.5) // f2 * f2
+                 progress: bool = True, max_area: int = 1024 ** 2, auto_resize: bool = True, controller=None,
+                 context_area: int | None = None, generator=None):
+        """Sizes as `edit_sizes` computes them; `generator` (diffusers' spelling) replaces `seed`."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image: expected a PIL image, got {type(image).__name__}")
+        key = _noise_key(seed if generator is None else generator)
+        context_size, (width, height) = self.edit_sizes(image.size, height, width, max_area, auto_resize,
+                                                        context_area)
+        pixels = self.prepare_image(image, context_size)
         prompts = _prompts(prompt, num_images_per_prompt)
         grid = self._token_grid(height, width)
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length or self.default_max_sequence_length)
@@ -308,7 +377,7 @@ class FluxKontextPipeline(FluxPipeline):
         context = jnp.broadcast_to(flux.pack_latents(ctx.astype(jnp.float32)),
                                    (len(prompts),) + flux.pack_latents(ctx).shape[1:])
         context_ids = flux.image_ids(ctx.shape[2] // 2, ctx.shape[3] // 2, index=1)
-        latents = self._check_latents(latents, len(prompts), height, width, seed)
+        latents = self._check_latents(latents, len(prompts), height, width, key)
         sigmas, timesteps = sampling.flux_schedule(self.scheduler, num_inference_steps, latents.shape[1])
         out = self._sample(latents, grid, embeds, pooled, self._guidance(len(prompts), guidance_scale), sigmas,
                            timesteps, context, context_ids, hooks, progress, controller)
@@ -368,7 +437,9 @@ class SD3Pipeline(_StepProgress):
     scheduler: sampling.SchedulerConfig
 
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None, mesh=None):
+    def from_pretrained(cls, path, dtype: str | None = None, mesh=None, *, torch_dtype=None):
+        """As `FluxPipeline.from_pretrained`."""
+        dtype = _dtype_name(dtype, torch_dtype)
         root, parts, tcfg, tparams = _load_components(path, "sd3", dtype, mesh)
 
         def encoder(folder, tok_folder, on_mesh=False):
@@ -413,11 +484,14 @@ class SD3Pipeline(_StepProgress):
                  num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int = 0,
                  negative_prompt: str | Sequence[str] | None = None, latents: jax.Array | None = None,
                  max_sequence_length: int = 256, num_images_per_prompt: int = 1, clip_skip: int | None = None,
-                 hooks: HooksArg = None, output_type: str = "pil", progress: bool = True, controller=None):
+                 hooks: HooksArg = None, output_type: str = "pil", progress: bool = True, controller=None,
+                 generator=None):
+        """`generator`, diffusers' spelling, replaces `seed`: an int or a jax.random key."""
+        key = _noise_key(seed if generator is None else generator)
         prompts = _prompts(prompt, num_images_per_prompt)
         shape = self._latent_shape(len(prompts), height, width)
         if latents is None:
-            latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+            latents = jax.random.normal(key, shape, jnp.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape} for {height}x{width}, got {tuple(latents.shape)}")
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length, clip_skip)
@@ -508,11 +582,13 @@ def save_png(image, path) -> Path:
     """Write a PIL image as PNG atomically (temporary file, then rename)."""
     import os
 
+    from jaxdit.convert.checkpoint import temporary_beside
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: output must be a .png file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdit.attention import OutProjection, joint_attention, resolve_backend
+from jaxdit.configs import check_field_types
 from jaxdit.layers import dense
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -118,6 +119,7 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any], **overrides) -> "VAEConfig":
         """Build from a diffusers `vae/config.json` dict (unknown `_*` metadata keys ignored)."""
+        check_field_types(cls, cfg)
         cfg = dict(cfg)
         n = len(cfg.get("block_out_channels", cls.block_out_channels))
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from jaxdit.cli import finite_float, fraction, positive_int, seed_int
+
 
 def register(sub) -> None:
     s = sub.add_parser("safety", help="evaluate safety methods on prompt sets")
@@ -13,18 +15,18 @@ def register(sub) -> None:
     e.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (evaluation_seed, ... optional)")
     e.add_argument("--method", choices=["none", "uvr", "safedig"], default="none")
     e.add_argument("--uvr", metavar="BANK", help="anchor bank for --method uvr")
-    e.add_argument("--uvr-threshold", type=float)
+    e.add_argument("--uvr-threshold", type=finite_float)
     e.add_argument("--dictionary", nargs="+", help="SafeDIG dictionaries for --method safedig")
     e.add_argument("--mode", choices=["blend", "repel"], default="blend", help="SafeDIG steering")
-    e.add_argument("--strength", type=float, default=1.0)
-    e.add_argument("--gate", type=float, default=0.0)
+    e.add_argument("--strength", type=finite_float, default=1.0)
+    e.add_argument("--gate", type=finite_float, default=0.0)
     e.add_argument("--out", required=True, help="run directory to create")
-    e.add_argument("--steps", type=int, default=28)
-    e.add_argument("--size", type=int, default=1024)
-    e.add_argument("--seed", type=int, default=0, help="seed for rows without evaluation_seed")
+    e.add_argument("--steps", type=positive_int, default=28)
+    e.add_argument("--size", type=positive_int, default=1024)
+    e.add_argument("--seed", type=seed_int, default=0, help="seed for rows without evaluation_seed")
     e.add_argument("--csv-guidance", action="store_true", help="use each row's evaluation_guidance")
-    e.add_argument("--threshold", type=float, default=0.6, help="NudeNet score threshold (rule: > threshold)")
-    e.add_argument("--limit", type=int, help="first N prompts only")
+    e.add_argument("--threshold", type=fraction, default=0.6, help="NudeNet score threshold (rule: > threshold)")
+    e.add_argument("--limit", type=positive_int, help="first N prompts only")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=_eval)
@@ -35,6 +37,7 @@ def register(sub) -> None:
 
 
 def _eval(args) -> int:
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.pipeline import load_pipeline
     from jaxdit.safety.harness import evaluate, read_prompts_csv
     from jaxdit.safety.nudity import NudityDetector, NudityRule
@@ -44,7 +47,12 @@ def _eval(args) -> int:
         raise ValueError("--method uvr needs --uvr BANK")
     if args.method == "safedig" and not args.dictionary:
         raise ValueError("--method safedig needs --dictionary DIR [DIR ...]")
-    rows = read_prompts_csv(args.prompts)[: args.limit]
+    if check_writable(args.out, "--out").exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists (--overwrite replaces it)")
+    try:
+        rows = read_prompts_csv(args.prompts)[: args.limit]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {args.prompts}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     pipe = load_pipeline(args.model, dtype=args.dtype)
     detector = NudityDetector(NudityRule(threshold=args.threshold))
     controller = controller_from_args(args, editing=False) if args.method == "uvr" else None

@@ -139,11 +139,3 @@ def write_png(image, path) -> Path:
     Image.fromarray(image).save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def check_writable(folder) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written (one clear line)."""
-    folder = Path(folder)
-    parent = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{folder}: cannot write here ({parent} is not a writable directory)")

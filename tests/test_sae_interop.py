@@ -48,7 +48,7 @@ def test_saelens_schema(tmp_path):
     saved = json.loads((tmp_path / "out" / "cfg.json").read_text())
     assert saved["architecture"] == "topk" and saved["k"] == 3 and saved["d_in"] == 8 and saved["d_sae"] == 24
     assert saved["apply_b_dec_to_input"] is True and saved["normalize_activations"] == "none"
-    assert saved["metadata"]["hook_name"] == "single.1.img.resid_post"
+    assert saved["hook_name"] == "single.1.img.resid_post"
     tensors = interop.read_safetensors(tmp_path / "out" / "sae_weights.safetensors")
     shapes = {k: v.shape for k, v in tensors.items()}
     assert shapes == {"W_enc": (8, 24), "b_enc": (24,), "W_dec": (24, 8), "b_dec": (8,)}
@@ -75,9 +75,7 @@ def test_import_errors(tmp_path):
     interop.export_sae(tmp_path / "sae", tmp_path / "lens", "saelens")
     cfg_path = tmp_path / "lens" / "cfg.json"
     original = json.loads(cfg_path.read_text())
-    bad = {**original, "d_in": 9}
-    bad["metadata"] = {k: v for k, v in bad["metadata"].items() if k != "jaxdit"}
-    cfg_path.write_text(json.dumps(bad))
+    cfg_path.write_text(json.dumps({**original, "d_in": 9}))
     with pytest.raises(interop.SAEFormatError, match=r"tensor 'W_enc' has shape \(8, 24\), expected \(9, 24\)"):
         interop.import_sae(tmp_path / "lens", tmp_path / "x", "saelens")
     cfg_path.write_text(json.dumps({**original, "architecture": "gated"}))

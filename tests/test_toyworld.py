@@ -164,10 +164,10 @@ def test_training_resumes_from_a_relative_run_folder_exactly(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     kw = dict(seed=3, steps=3, t2i_batch=2, edit_batch=2, checkpoint_every=1, progress=False)
     T.train("whole", **kw)
-    real_step = T.make_step
+    real_step = T.compiled_step
 
-    def interrupted(*args, **kwargs):  # the same step function, killed after two steps
-        step, calls = real_step(*args, **kwargs), []
+    def interrupted(*args):  # the same (compiled) step function, killed after two steps
+        step, calls = real_step(*args), []
 
         def run(*a):
             if len(calls) == 2:
@@ -176,10 +176,10 @@ def test_training_resumes_from_a_relative_run_folder_exactly(tmp_path, monkeypat
             return step(*a)
         return run
 
-    monkeypatch.setattr(T, "make_step", interrupted)
+    monkeypatch.setattr(T, "compiled_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         T.train("parts", **kw)
-    monkeypatch.setattr(T, "make_step", real_step)
+    monkeypatch.setattr(T, "compiled_step", real_step)
     assert T._latest_state(tmp_path / "parts")[0] == 2
     T.train("parts", **kw)
     with pytest.raises(ValueError, match="other settings"):

@@ -17,21 +17,29 @@ import argparse
 import json
 from pathlib import Path
 
+from jaxdit.cli import (finite_float, fraction, fraction_below_one, non_negative_float, non_negative_int,
+                        positive_float, positive_int, read_text, seed_int)
+
 
 def _mesh(text: str) -> tuple[int, int, int]:
     try:
         sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
         sizes = ()
-    if len(sizes) != 3:
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected three integers data,fsdp,tensor (e.g. 2,1,4)")
+    if len(sizes) != 3 or any(s < 1 and s != -1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected three device counts data,fsdp,tensor (e.g. 2,1,4; -1: the "
+                                         f"rest), got {text!r}")
     return sizes
 
 
 def _train(args) -> int:
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.train import sae, trainer
     from jaxdit.train.store import ActivationStore, open_source
 
+    out = check_writable(args.out, "--out")
+    if not args.resume and ((out / trainer.RECORD).exists() or (out / "checkpoints").exists()):
+        raise FileExistsError(f"--out {out} already holds a training run; add --resume to continue it")
     source = open_source(args.data)
     manifest = source.manifest if isinstance(source, ActivationStore) else {}
     n = args.latents if args.latents is not None else args.expansion * source.d
@@ -66,11 +74,14 @@ def _import(args) -> int:
 
 def _read_prompts(path) -> list[str]:
     """A JSON list of prompts, or a text file with one prompt per line."""
-    text = Path(path).read_text()
+    text = read_text(path, "--prompts")
     if str(path).endswith(".json"):
-        prompts = json.loads(text)
+        try:
+            prompts = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--prompts {path}: not valid JSON ({e})") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{path}: expected a JSON list of prompt strings")
+            raise ValueError(f"--prompts {path}: expected a JSON list of prompt strings")
         return prompts
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -87,17 +98,17 @@ def _pipeline_conditioning(args):
         raise ValueError("--prompts FILE is required with a pipeline folder (one prompt per line)")
     prompts = _read_prompts(args.prompts)
     if not prompts:
-        raise ValueError(f"{args.prompts}: no prompts")
+        raise ValueError(f"--prompts {args.prompts}: no prompts")
     pipe = load_pipeline(args.model)
     name = args.model_name or Path(args.model).name
     if isinstance(pipe, SD3Pipeline):
         model = hv.sd3_model(pipe.transformer_params, pipe.transformer_config, name=name, height=args.height,
-                             width=args.width)
+                             width=args.width, vae_factor=pipe.vae_scale_factor)
         sigmas, timesteps = sampling.flow_match_schedule(pipe.scheduler, args.num_steps)
         encode = lambda batch: pipe.encode_prompt(batch)  # noqa: E731
     else:
         model = hv.flux_model(pipe.transformer_params, pipe.transformer_config, name=name, height=args.height,
-                              width=args.width, guidance=args.guidance)
+                              width=args.width, guidance=args.guidance, vae_factor=pipe.vae_scale_factor)
         sigmas, timesteps = sampling.flux_schedule(pipe.scheduler, args.num_steps, model.latent_shape[0])
         encode = lambda batch: pipe.encode_prompt(batch, pipe.default_max_sequence_length)  # noqa: E731
 
@@ -128,7 +139,7 @@ def _file_conditioning(args):
                          f"has {emb['pooled_projections'].shape[0]}")
     prompts = _read_prompts(args.prompts) if args.prompts else None
     if prompts is not None and len(prompts) != total:
-        raise ValueError(f"{args.prompts}: {len(prompts)} prompts for {total} conditioning rows")
+        raise ValueError(f"--prompts {args.prompts}: {len(prompts)} prompts for {total} conditioning rows")
     config, params = load_transformer(args.model)
     name = args.model_name or Path(args.model).name
     if config.family == "flux":
@@ -144,8 +155,12 @@ def _file_conditioning(args):
 
 
 def _harvest(args) -> int:
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.train import harvest as hv
 
+    check_writable(args.out, "--out")
+    if max(args.steps) >= args.num_steps:
+        raise ValueError(f"--steps {max(args.steps)}: step indices must be below --num-steps {args.num_steps}")
     if (Path(args.model) / "model_index.json").is_file():
         if args.conditioning:
             raise ValueError("--conditioning is for checkpoints; a pipeline folder encodes --prompts itself")
@@ -176,32 +191,34 @@ def register(subparsers) -> None:
                                    "the SAE in OUT/sae/. Rerun the same command with --resume to continue.")
     t.add_argument("--data", required=True, help="activation store directory or .npy file")
     t.add_argument("--out", required=True, help="training output directory")
-    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--steps", type=positive_int, required=True)
     t.add_argument("--arch", choices=ARCHS, default="topk")
-    t.add_argument("--k", type=int, default=64, help="active latents per token (topk, batchtopk)")
+    t.add_argument("--k", type=positive_int, default=64, help="active latents per token (topk, batchtopk)")
     width = t.add_mutually_exclusive_group()
-    width.add_argument("--expansion", type=int, default=16, help="latents = expansion * d (default 16)")
-    width.add_argument("--latents", type=int, help="number of latents")
-    t.add_argument("--batch-size", type=int, default=4096, help="tokens per step (global)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 / sqrt(latents / 2^14))")
-    t.add_argument("--warmup", type=int, default=1000, help="warm-up steps")
+    width.add_argument("--expansion", type=positive_int, default=16, help="latents = expansion * d (default 16)")
+    width.add_argument("--latents", type=positive_int, help="number of latents")
+    t.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per step (global)")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate (default 2e-4 / sqrt(latents / 2^14))")
+    t.add_argument("--warmup", type=non_negative_int, default=1000, help="warm-up steps")
     t.add_argument("--decay", choices=DECAYS, default="linear")
-    t.add_argument("--decay-start", type=float, default=0.8, help="fraction of the steps where decay begins")
-    t.add_argument("--b1", type=float, default=0.9, help="Adam beta1 (0 is usual for jumprelu)")
-    t.add_argument("--aux-alpha", type=float, default=1 / 32, help="AuxK coefficient (0: off)")
-    t.add_argument("--aux-k", type=int, default=256)
-    t.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing before a latent is dead")
-    t.add_argument("--sparsity-coeff", type=float, default=0.0, help="L0 (jumprelu) / L1 (relu) coefficient")
+    t.add_argument("--decay-start", type=fraction, default=0.8, help="fraction of the steps where decay begins")
+    t.add_argument("--b1", type=fraction_below_one, default=0.9, help="Adam beta1 (0 is usual for jumprelu)")
+    t.add_argument("--aux-alpha", type=non_negative_float, default=1 / 32, help="AuxK coefficient (0: off)")
+    t.add_argument("--aux-k", type=positive_int, default=256)
+    t.add_argument("--dead-tokens", type=positive_int, default=10_000_000,
+                   help="tokens without firing before a latent is dead")
+    t.add_argument("--sparsity-coeff", type=non_negative_float, default=0.0,
+                   help="L0 (jumprelu) / L1 (relu) coefficient")
     t.add_argument("--b-dec-init", choices=B_DEC_INITS, default="geometric_median")
     t.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
                    help="matmul operand dtype (float32 master weights either way)")
     t.add_argument("--mesh", type=_mesh, default=(-1, 1, 1), help="data,fsdp,tensor device counts (-1: the rest)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--shuffle-window", type=int, default=4, help="store chunks shuffled together")
+    t.add_argument("--seed", type=seed_int, default=0)
+    t.add_argument("--shuffle-window", type=positive_int, default=4, help="store chunks shuffled together")
     t.add_argument("--position", help="hook position recorded with the SAE (default: the store's)")
     t.add_argument("--model", help="model name recorded with the SAE (default: the store's)")
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--checkpoint-every", type=int, default=1000)
+    t.add_argument("--log-every", type=positive_int, default=100)
+    t.add_argument("--checkpoint-every", type=positive_int, default=1000)
     t.add_argument("--resume", action="store_true", help="continue the run in OUT from its newest checkpoint")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=_train)
@@ -229,13 +246,13 @@ def register(subparsers) -> None:
     h.add_argument("--conditioning", help="prompt embeddings for a bare transformer checkpoint")
     h.add_argument("--prompts", help="prompts: one per line, or a JSON list (recorded in the stores)")
     h.add_argument("--positions", nargs="+", required=True, help="hook positions, e.g. single.10.img.resid_post")
-    h.add_argument("--steps", nargs="+", type=int, required=True, help="sampling step indices to capture")
-    h.add_argument("--num-steps", type=int, default=28, help="steps of the schedule")
-    h.add_argument("--height", type=int, default=1024)
-    h.add_argument("--width", type=int, default=1024)
-    h.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance embedding (dev)")
-    h.add_argument("--batch-size", type=int, default=4)
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--steps", nargs="+", type=non_negative_int, required=True, help="sampling step indices to capture")
+    h.add_argument("--num-steps", type=positive_int, default=28, help="steps of the schedule")
+    h.add_argument("--height", type=positive_int, default=1024)
+    h.add_argument("--width", type=positive_int, default=1024)
+    h.add_argument("--guidance", type=finite_float, default=3.5, help="FLUX guidance embedding (dev)")
+    h.add_argument("--batch-size", type=positive_int, default=4)
+    h.add_argument("--seed", type=seed_int, default=0)
     h.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="store dtype")
     h.add_argument("--model-name", help="recorded in the stores (default: the model path's name)")
     h.add_argument("--out", required=True, help="directory receiving one store per position")

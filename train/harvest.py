@@ -45,13 +45,17 @@ class HarvestModel:
     apply: Apply  # (latents [B, *latent_shape], timestep (scheduler units), step int32, hooks, cond)
 
 
-def flux_model(params, config, *, name: str, height: int, width: int, guidance: float | None = 3.5) -> HarvestModel:
-    """A FLUX transformer generating height x width pixel images (16 pixels per latent token)."""
+def flux_model(params, config, *, name: str, height: int, width: int, guidance: float | None = 3.5,
+               vae_factor: int = 8) -> HarvestModel:
+    """A FLUX transformer generating height x width pixel images: 2 * `vae_factor` pixels per latent token
+    (`vae_factor`: the pipeline's VAE downsampling, 8 for the released models)."""
     from jaxdit import flux
 
-    if height % 16 or width % 16:
-        raise ValueError(f"image size {height}x{width}: height and width must be multiples of 16")
-    grid_h, grid_w = height // 16, width // 16
+    patch = 2 * vae_factor
+    if height % patch or width % patch:
+        raise ValueError(f"image size {height}x{width}: height and width must be multiples of {patch} "
+                         f"(VAE factor {vae_factor} x 2x2 packing)")
+    grid_h, grid_w = height // patch, width // patch
     img_ids = flux.image_ids(grid_h, grid_w)
 
     def apply(latents, timestep, step, hooks, cond):
@@ -66,31 +70,34 @@ def flux_model(params, config, *, name: str, height: int, width: int, guidance: 
     return HarvestModel(name, (grid_h * grid_w, config.in_channels), apply)
 
 
-def sd3_model(params, config, *, name: str, height: int, width: int) -> HarvestModel:
-    """An SD3 / SD3.5 transformer generating height x width pixel images (8 pixels per latent pixel)."""
+def sd3_model(params, config, *, name: str, height: int, width: int, vae_factor: int = 8) -> HarvestModel:
+    """An SD3 / SD3.5 transformer generating height x width pixel images (`vae_factor` pixels per latent
+    pixel: the pipeline's VAE downsampling, 8 for the released models)."""
     from jaxdit import sd3
 
-    if height % 8 or width % 8:
-        raise ValueError(f"image size {height}x{width}: height and width must be multiples of 8")
+    multiple = vae_factor * config.patch_size
+    if height % multiple or width % multiple:
+        raise ValueError(f"image size {height}x{width}: height and width must be multiples of {multiple} "
+                         f"(VAE factor {vae_factor} x patch size {config.patch_size})")
 
     def apply(latents, timestep, step, hooks, cond):
         t = jnp.full((latents.shape[0],), timestep, jnp.float32)
         return sd3.forward(params, config, latents, cond["encoder_hidden_states"], cond["pooled_projections"], t,
                            hooks=hooks)
 
-    return HarvestModel(name, (config.in_channels, height // 8, width // 8), apply)
+    return HarvestModel(name, (config.in_channels, height // vae_factor, width // vae_factor), apply)
 
 
 def _check_request(positions: Sequence[str], steps: Sequence[int], num_steps: int) -> tuple[int, ...]:
     if not positions:
-        raise ValueError("harvest: no positions given")
+        raise ValueError("no positions given")
     for name in positions:
         if hk.Position.parse(name).site in NOT_TOKEN_SITES:
-            raise ValueError(f"harvest: {name!r} is not a per-token activation (attention probabilities); "
+            raise ValueError(f"position {name!r} is not a per-token activation (attention probabilities); "
                              "capture it with Hooks directly")
     steps = tuple(sorted(set(int(s) for s in steps)))
     if not steps or steps[0] < 0 or steps[-1] >= num_steps:
-        raise ValueError(f"harvest: steps {list(steps)} must be step indices in [0, {num_steps})")
+        raise ValueError(f"steps {list(steps)} must be step indices in [0, {num_steps})")
     return steps
 
 

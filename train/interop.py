@@ -8,16 +8,19 @@ jaxdit (`save_sae` / `load_sae`):
 SAELens (`cfg.json` + `sae_weights.safetensors`): W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d]
 (+ threshold for jumprelu); `architecture` topk (with `k`), jumprelu (our jumprelu, and batchtopk with its
 inference threshold, as SAELens saves BatchTopK), standard (our relu); `apply_b_dec_to_input` true,
-`normalize_activations` "none" and `metadata.hook_name` = the hook position.
+`normalize_activations` "none", `hook_name` = the hook position and `model_name`. The cfg.json is
+written with these fields at its top level and no `sae_lens_version` (SAELens did not write it), which
+SAELens reads through its loader for configs without a version; import reads either layout.
 
 sparsify (`cfg.json` + `sae.safetensors`, TopK only): encoder.weight [n, d] = W_enc^T, encoder.bias [n],
 W_dec [n, d] (the same array as ours: no transposition, whatever SAELens' sparsify converter does),
 b_dec [d]; `d_in`, `num_latents`, `k` in cfg.json.
 
 Neither format has an input scale, so it is folded into the weights on export (W_enc * s, W_dec / s,
-b_dec / s; latents unchanged). The scale is a power of two, so this is exact, and it is recorded in the
-config (SAELens `metadata.jaxdit`, sparsify `jaxdit`) so import unfolds it exactly: export then import
-returns the parameters bit for bit. Files written by other tools import with scale 1.
+b_dec / s; latents unchanged). The scale is a power of two, so this is exact, and it is recorded with the
+jaxdit config in the weights file's safetensors metadata (`jaxdit`, where neither library looks) so
+import unfolds it exactly: export then import returns the parameters bit for bit. Files written by other
+tools import with scale 1.
 
 Every directory is written under a temporary name and renamed when complete; tensors are safetensors,
 never pickle.
@@ -34,13 +37,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxdit.convert.checkpoint import atomic_directory
+from jaxdit.convert.checkpoint import atomic_directory, check_writable
 from jaxdit.convert.safetensors_io import SafetensorsFile
 from jaxdit.train.sae import SAEConfig, check_params
 
 FORMAT = {"format": "jaxdit-sae", "version": 1}
 FORMATS = ("saelens", "sparsify")
-SAELENS_SCHEMA_VERSION = "6.0.0"  # marks cfg.json as SAELens v6 (metadata block), not a pre-6.0 config
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
               np.dtype(np.float64): "F64"}
 
@@ -147,8 +149,21 @@ def _unfold(scale: float, params: Tensors) -> Tensors:
     return {**params, "W_enc": params["W_enc"] / s, "W_dec": params["W_dec"] * s, "b_dec": params["b_dec"] * s}
 
 
-def _jaxdit_record(cfg: SAEConfig) -> dict[str, Any]:
-    return {**FORMAT, "config": cfg.to_json()}
+def _jaxdit_record(cfg: SAEConfig) -> dict[str, str]:
+    """The safetensors metadata of an exported weights file: the jaxdit config (with the input scale)."""
+    return {"jaxdit": json.dumps({**FORMAT, "config": cfg.to_json()})}
+
+
+def _read_record(path: Path, external: dict[str, Any]) -> dict[str, Any] | None:
+    """The jaxdit record of an export: in its weights file's metadata, or in cfg.json where earlier jaxdit
+    versions put it (SAELens `metadata.jaxdit`, sparsify `jaxdit`); None for files of other tools."""
+    meta = SafetensorsFile(path).metadata
+    if "jaxdit" in meta:
+        try:
+            return json.loads(meta["jaxdit"])
+        except ValueError as e:
+            raise SAEFormatError(f"{path}: jaxdit metadata is not valid JSON ({e})") from None
+    return (external.get("metadata") or {}).get("jaxdit") or external.get("jaxdit")
 
 
 def _restore_config(record: dict[str, Any] | None, base: SAEConfig, where: str) -> tuple[SAEConfig, float]:
@@ -177,20 +192,21 @@ _TO_SAELENS = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", 
 
 
 def to_saelens(cfg: SAEConfig, params: Tensors) -> tuple[dict[str, Any], Tensors]:
-    """(cfg.json dict, tensors) in the SAELens v6 layout, input scale folded in."""
+    """(cfg.json dict, tensors) in the SAELens layout (fields at the top level, no version), input scale
+    folded in."""
     tensors = _fold(cfg, params)
     out = {"architecture": _TO_SAELENS[cfg.arch], "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "reshape_activations": "none",
-           "metadata": {"sae_lens_version": SAELENS_SCHEMA_VERSION, "hook_name": cfg.position,
-                        "model_name": cfg.model, "jaxdit": _jaxdit_record(cfg)}}
+           "reshape_activations": "none", "hook_name": cfg.position, "model_name": cfg.model}
     if cfg.arch == "topk":
         out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
     return out, tensors
 
 
-def from_saelens(saelens_cfg: dict[str, Any], tensors: Tensors,
-                 where: str = "SAELens SAE") -> tuple[SAEConfig, Tensors]:
+def from_saelens(saelens_cfg: dict[str, Any], tensors: Tensors, where: str = "SAELens SAE",
+                 record: dict[str, Any] | None = None) -> tuple[SAEConfig, Tensors]:
+    """(config, params) from an SAELens cfg.json dict (with or without its v6 `metadata` block) and its
+    tensors; `record`, the jaxdit record of our own exports, restores the exact config."""
     arch = saelens_cfg.get("architecture", "standard")
     ours = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}.get(arch)
     if ours is None:
@@ -219,7 +235,7 @@ def from_saelens(saelens_cfg: dict[str, Any], tensors: Tensors,
     base = SAEConfig(d_in=d, n_latents=n, arch=ours, k=int(saelens_cfg.get("k", 1)),
                      position=metadata.get("hook_name", saelens_cfg.get("hook_name")),
                      model=metadata.get("model_name", saelens_cfg.get("model_name")))
-    cfg, scale = _restore_config(metadata.get("jaxdit"), base, where)
+    cfg, scale = _restore_config(record, base, where)
     if cfg.arch != ours and not (cfg.arch == "batchtopk" and ours == "jumprelu"):
         raise SAEFormatError(f"{where}: architecture {arch!r} does not match the jaxdit record ({cfg.arch!r})")
     return cfg, _unfold(scale, params)
@@ -235,12 +251,13 @@ def to_sparsify(cfg: SAEConfig, params: Tensors) -> tuple[dict[str, Any], Tensor
                "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     out = {"activation": "topk", "expansion_factor": max(cfg.n_latents // cfg.d_in, 1),
            "normalize_decoder": True, "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False,
-           "skip_connection": False, "transcode": False, "d_in": cfg.d_in, "jaxdit": _jaxdit_record(cfg)}
+           "skip_connection": False, "transcode": False, "d_in": cfg.d_in}
     return out, tensors
 
 
-def from_sparsify(sparsify_cfg: dict[str, Any], tensors: Tensors,
-                  where: str = "sparsify SAE") -> tuple[SAEConfig, Tensors]:
+def from_sparsify(sparsify_cfg: dict[str, Any], tensors: Tensors, where: str = "sparsify SAE",
+                  record: dict[str, Any] | None = None) -> tuple[SAEConfig, Tensors]:
+    """(config, params) from a sparsify cfg.json dict and its tensors; `record` as for `from_saelens`."""
     if sparsify_cfg.get("activation", "topk") != "topk":
         raise SAEFormatError(f"{where}: activation {sparsify_cfg['activation']!r} is not supported (topk only)")
     for key in ("transcode", "skip_connection"):
@@ -256,7 +273,7 @@ def from_sparsify(sparsify_cfg: dict[str, Any], tensors: Tensors,
     params = {"W_enc": np.ascontiguousarray(tensors["encoder.weight"].T), "b_enc": tensors["encoder.bias"],
               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
     params = {k_: np.asarray(v, np.float32) for k_, v in params.items()}
-    cfg, scale = _restore_config(sparsify_cfg.get("jaxdit"), SAEConfig(d_in=d, n_latents=n, k=k), where)
+    cfg, scale = _restore_config(record, SAEConfig(d_in=d, n_latents=n, k=k), where)
     return cfg, _unfold(scale, params)
 
 
@@ -273,11 +290,12 @@ def _check_format(fmt: str) -> None:
 def export_sae(src: str | os.PathLike, out: str | os.PathLike, fmt: str, overwrite: bool = False) -> Path:
     """A jaxdit SAE directory (or training output) -> an SAELens or sparsify directory at `out`."""
     _check_format(fmt)
+    check_writable(out)
     cfg, params = load_sae(src)
     cfg_json, tensors = (to_saelens if fmt == "saelens" else to_sparsify)(cfg, params)
     cfg_name, weights_name = _FILES[fmt]
     with atomic_directory(out, overwrite) as tmp:
-        write_safetensors(tmp / weights_name, tensors)
+        write_safetensors(tmp / weights_name, tensors, _jaxdit_record(cfg))
         (tmp / cfg_name).write_text(json.dumps(cfg_json, indent=1))
     return Path(out)
 
@@ -285,6 +303,7 @@ def export_sae(src: str | os.PathLike, out: str | os.PathLike, fmt: str, overwri
 def import_sae(src: str | os.PathLike, out: str | os.PathLike, fmt: str, overwrite: bool = False) -> Path:
     """An SAELens or sparsify directory -> a jaxdit SAE directory at `out`."""
     _check_format(fmt)
+    check_writable(out)
     src = Path(src)
     cfg_name, weights_name = _FILES[fmt]
     if not (src / weights_name).is_file():
@@ -293,5 +312,6 @@ def import_sae(src: str | os.PathLike, out: str | os.PathLike, fmt: str, overwri
         raise SAEFormatError(f"{src}: not a {fmt} SAE directory (no {weights_name})")
     external = _read_json(src / cfg_name)
     tensors = read_safetensors(src / weights_name)
-    cfg, params = (from_saelens if fmt == "saelens" else from_sparsify)(external, tensors, str(src))
+    record = _read_record(src / weights_name, external)
+    cfg, params = (from_saelens if fmt == "saelens" else from_sparsify)(external, tensors, str(src), record)
     return save_sae(out, cfg, params, overwrite=overwrite, training={"imported_from": str(src), "format": fmt})

@@ -317,4 +317,5 @@ class BatchStream:
         if not len(bad):
             return "no non-finite row found on re-reading"
         piece, row = origin[bad[0]]
-        return f"first at {self.source.describe(int(piece), int(row))} ({len(bad)} bad row(s) in the batch)"
+        return (f"first at {self.source.describe(int(piece), int(row))}; {len(bad)} of the {count} rows read hold "
+                "NaN or inf (rows are read shuffled, from anywhere in the data)")

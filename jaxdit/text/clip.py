@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdit.configs import check_field_types
 from jaxdit.layers import dense
 from jaxdit.text.common import LayerNorm, activation, check_input_ids, key_mask, self_attention
 
@@ -87,11 +88,13 @@ class ClipTextConfig:
             raise ValueError(f"CLIP text config lacks {missing}")
         fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in ("projection_dim", "dtype")
                   and f.name in cfg}
+        check_field_types(cls, fields)
         fields.setdefault("eos_token_id", 49407)  # transformers 5's default (4.x defaulted to the legacy 2)
         if with_projection:
             if "projection_dim" not in cfg:
                 raise ValueError("a CLIPTextModelWithProjection config needs projection_dim")
             fields["projection_dim"] = cfg["projection_dim"]
+            check_field_types(cls, {"projection_dim": fields["projection_dim"]})
         fields.update(overrides)
         return cls(**fields)
 

@@ -1,8 +1,9 @@
 """Prompt -> embeddings, tokenized and encoded the way the diffusers FLUX and SD3 pipelines do it.
 
-Both tokenizers pad to `max_length` with truncation. CLIP: max_length = the tokenizer's
-`model_max_length` (77). T5: 512 for FLUX dev / Kontext, 256 for schnell and SD3. Neither pipeline passes
-an attention mask to the encoders, so padding tokens are attended (and their embeddings used).
+Both tokenizers pad to `max_length` with truncation (a warning says how many tokens a longer prompt
+loses). CLIP: max_length = the tokenizer's `model_max_length` (77). T5: 512 for FLUX dev / Kontext, 256
+for schnell and SD3. Neither pipeline passes an attention mask to the encoders, so padding tokens are
+attended (and their embeddings used).
 
     embeds = clip_encode(params, config, tokenizer, ["a cat"])            # FLUX: embeds.pooled
     embeds = clip_encode(params_g, config_g, tokenizer_2, prompts)        # SD3: embeds.hidden_state, .pooled
@@ -11,6 +12,7 @@ an attention mask to the encoders, so padding tokens are attended (and their emb
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import NamedTuple, Sequence
 
@@ -33,9 +35,24 @@ class T5PromptEmbeds(NamedTuple):
     last_hidden_state: jax.Array  # [B, L, d_model]
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), each [B, max_length] int32: padding="max_length", truncation."""
+def _warn_truncation(tokenizer, prompts: list[str], max_length: int, encoder: str) -> None:
+    """One warning per call naming how many tokens the prompts longer than `max_length` lose."""
+    distinct = list(dict.fromkeys(prompts))
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False, verbose=False)["input_ids"]]
+    dropped = [(n - max_length, p) for n, p in zip(lengths, distinct) if n > max_length]
+    if dropped:
+        most, prompt = max(dropped)
+        short = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        warnings.warn(f"{encoder} keeps {max_length} tokens: {len(dropped)} prompt(s) truncated, "
+                      f"{sum(n for n, _ in dropped)} token(s) dropped ({most} from {short!r})")
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int,
+             encoder: str = "the text encoder") -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), each [B, max_length] int32: padding="max_length", truncation (warned
+    about, naming `encoder` and the dropped-token count)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _warn_truncation(tokenizer, prompts, max_length, encoder)
     enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True)
     return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
 
@@ -63,7 +80,7 @@ def clip_encode(params, config: clip.ClipTextConfig, tokenizer, prompts: str | S
     if not 0 <= skip < config.num_hidden_layers:
         raise ValueError(f"clip_skip={clip_skip}: expected 0 <= clip_skip < {config.num_hidden_layers} "
                          "(number of layers)")
-    ids, _ = tokenize(tokenizer, prompts, max_length)
+    ids, _ = tokenize(tokenizer, prompts, max_length, "CLIP")
     hidden, pooled, last = _clip_embeds(params, config, ids, -(skip + 2))
     return CLIPPromptEmbeds(ids, hidden, pooled, last)
 
@@ -75,6 +92,6 @@ def t5_encode(params, config: t5.T5EncoderConfig, tokenizer, prompts: str | Sequ
     max_length: 512 (FLUX dev / Kontext), 256 (FLUX schnell, SD3). use_attention_mask: mask the padding
     keys (the pipelines do not; the result then differs at every position).
     """
-    ids, mask = tokenize(tokenizer, prompts, max_length)
+    ids, mask = tokenize(tokenizer, prompts, max_length, "T5")
     hidden = _t5_forward(params, config, ids, mask if use_attention_mask else None)
     return T5PromptEmbeds(ids, mask, hidden)

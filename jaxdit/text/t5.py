@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.configs import check_field_types
 from jaxdit.layers import RMSNorm, dense
 from jaxdit.text.common import activation, check_input_ids, key_mask, self_attention
 
@@ -77,6 +78,8 @@ class T5EncoderConfig:
         gated `gelu_new`); only the gated FFN of T5 v1.1 is implemented.
         """
         proj = cfg.get("feed_forward_proj", "relu")
+        if not isinstance(proj, str):
+            raise ValueError(f"field 'feed_forward_proj' is {proj!r}, expected a string")
         act = proj.split("-")[-1]
         if proj == "gated-gelu":
             act = "gelu_new"
@@ -92,6 +95,7 @@ class T5EncoderConfig:
         # dataclass defaults are transformers' T5Config defaults for these.
         fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in ("dense_act_fn", "dtype")
                   and f.name in cfg}
+        check_field_types(cls, fields)
         fields["dense_act_fn"] = act
         fields.update(overrides)
         return cls(**fields)

@@ -12,6 +12,7 @@ import sys
 
 
 def register(sub) -> None:
+    from jaxdit.cli import finite_float, fraction_below_one, non_negative_int, positive_float, positive_int, seed_int
     from jaxdit.toyworld.train import DEFAULTS
 
     t = sub.add_parser("toyworld", help="the rendered toy world: a small trained FLUX model with exact detectors")
@@ -19,17 +20,16 @@ def register(sub) -> None:
     tr = tsub.add_parser("train", help="train the toy-world transformer + text encoder (or --detector)")
     tr.add_argument("--run", help="run directory (training state, log.jsonl); resumed if it exists")
     tr.add_argument("--detector", action="store_true", help="train the shape/colour detector instead")
-    tr.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    tr.add_argument("--steps", type=int, help=f"default {DEFAULTS['steps']} (detector: 3000)")
-    for name in ("t2i_batch", "edit_batch", "warmup"):
-        tr.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULTS[name],
+    tr.add_argument("--seed", type=seed_int, default=DEFAULTS["seed"])
+    tr.add_argument("--steps", type=positive_int, help=f"default {DEFAULTS['steps']} (detector: 3000)")
+    for name, kind in (("t2i_batch", positive_int), ("edit_batch", positive_int), ("warmup", non_negative_int),
+                       ("lr", positive_float), ("ema", fraction_below_one)):
+        tr.add_argument("--" + name.replace("_", "-"), type=kind, default=DEFAULTS[name],
                         help=f"default {DEFAULTS[name]}")
-    for name in ("lr", "ema"):
-        tr.add_argument("--" + name, type=float, default=DEFAULTS[name], help=f"default {DEFAULTS[name]}")
-    tr.add_argument("--eval-every", type=int, default=0, metavar="N",
+    tr.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N",
                     help="every N steps, sample a few items of every suite and append the prompt-following "
                          "metrics to RUN/curve.jsonl (needs a detector: --detector-weights)")
-    tr.add_argument("--eval-n", type=int, default=16, help="items per suite for --eval-every (default 16)")
+    tr.add_argument("--eval-n", type=positive_int, default=16, help="items per suite for --eval-every (default 16)")
     tr.add_argument("--detector-weights", metavar="DIR",
                     help="weights folder whose detector/ reads the learning curve (default: the committed one)")
     tr.add_argument("--export", metavar="DIR", help="write the weights folder here when done")
@@ -41,22 +41,22 @@ def register(sub) -> None:
     d = tsub.add_parser("demo", help="generate a grid for a few prompts and edits; print the detector's reading")
     d.add_argument("--weights", help="weights folder (default: the committed one)")
     d.add_argument("--out", default="toyworld_demo.png")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--steps", type=int, default=12, help="Euler steps")
+    d.add_argument("--seed", type=seed_int, default=0)
+    d.add_argument("--steps", type=positive_int, default=12, help="Euler steps")
     d.set_defaults(fn=_demo)
     e = tsub.add_parser("eval", help="run the concept suites without and with a safety method; table + JSON")
     e.add_argument("--weights", help="weights folder (default: the committed one)")
     e.add_argument("--concept", default="star", help="forbidden shape or colour (default: star)")
-    e.add_argument("--n", type=int, default=32, help="items per suite")
+    e.add_argument("--n", type=positive_int, default=32, help="items per suite")
     e.add_argument("--suites", default="all", help="comma-separated suite names (default: all)")
-    e.add_argument("--steps", type=int, default=12)
-    e.add_argument("--guidance", type=float, default=1.0)
+    e.add_argument("--steps", type=positive_int, default=12)
+    e.add_argument("--guidance", type=finite_float, default=1.0)
     e.add_argument("--method", default="none",
                    help="comma-separated, any of: none, uvr, safedig, uvr+safedig, keyword-filter, "
                         "negative-prompt, sld (see jaxdit.toyworld.methods); each calibrated on its own items")
-    e.add_argument("--suite-seed", type=int, help="seed of the evaluation items (default: the suites' "
+    e.add_argument("--suite-seed", type=seed_int, help="seed of the evaluation items (default: the suites' "
                                                   "EVAL_SEED); any other seed draws fresh items")
-    e.add_argument("--calibration-n", type=int, default=16,
+    e.add_argument("--calibration-n", type=positive_int, default=16,
                    help="calibration items per unsafe suite for the methods' constants (default 16)")
     e.add_argument("--out", help="write summary.json, records.jsonl and examples.png into this folder")
     e.set_defaults(fn=_eval)
@@ -113,6 +113,7 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld.detector import Detector
     from jaxdit.toyworld.methods import METHODS, evaluate, example_grid
@@ -128,12 +129,9 @@ def _eval(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"--method: unknown method(s) {bad}; expected some of {list(METHODS)}")
-    for flag, value in (("--n", args.n), ("--steps", args.steps), ("--calibration-n", args.calibration_n)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
     out = Path(args.out).absolute() if args.out else None
     if out is not None:
-        ev.check_writable(out)
+        check_writable(out, "--out")
     tw, det = ToyWorld.load(args.weights), Detector.load(args.weights)
     result = evaluate(tw, det, methods, concept, args.n, args.suite_seed, names, args.calibration_n, args.steps,
                       guidance=args.guidance)

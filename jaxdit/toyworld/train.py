@@ -17,6 +17,7 @@ Run directory: state_<step>/ (orbax: params, ema, opt_state), log.jsonl, curve.j
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import shutil
@@ -90,6 +91,12 @@ def make_step(cfg: M.ToyConfig, opt, ema_decay: float):
         return {"params": params, "ema": ema, "opt_state": opt_state}, {"loss": loss, "loss_t2i": lt, "loss_edit": le}
 
     return step
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_step(cfg: M.ToyConfig, lr: float, warmup: int, steps: int, ema_decay: float):
+    """The jitted step for these settings, built once per process (a resumed run does not recompile)."""
+    return make_step(cfg, make_optimizer(lr, warmup, steps), ema_decay)
 
 
 def debiased_ema(ema, init, decay: float, steps: int):
@@ -172,7 +179,7 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
                              "the learning-rate schedule depends on --steps, so resume with the run's own")
         state = ocp.StandardCheckpointer().restore(path / "state", jax.tree.map(np.asarray, state))
     (run / "hyper.json").write_text(json.dumps(hyper))
-    step_fn = make_step(cfg, opt, ema)
+    step_fn = compiled_step(cfg, lr, warmup, steps, ema)
     key = jax.random.key(seed + 1)
     elapsed = json.loads((run / "elapsed.json").read_text())["seconds"] if (run / "elapsed.json").exists() else 0.0
     t0 = time.time()

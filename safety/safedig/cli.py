@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdit.cli import finite_float, positive_float, positive_int, seed_int
+
 
 def _rows(run, position: str, limit: int | None = None) -> np.ndarray:
     from jaxdit.train.store import open_source
@@ -33,9 +35,19 @@ def _positions(run) -> list[str]:
     return sorted(p.name for p in Path(run).iterdir() if (p / "manifest.json").is_file())
 
 
+def _new_output(out, overwrite: bool = True) -> None:
+    """Refuse `--out` before any work when it cannot be written, or exists and `overwrite` is off."""
+    from jaxdit.convert.checkpoint import check_writable
+
+    if check_writable(out, "--out").exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists (--overwrite replaces it)")
+
+
 def _route(args) -> int:
     from jaxdit.safety.safedig.core import route
 
+    _new_output(args.out)
+    _new_output(Path(args.out).with_suffix(".png"))
     if len(args.shift_unsafe) != len(args.shift_safe):
         raise ValueError("give as many --shift-unsafe as --shift-safe runs")
     positions = args.positions or _positions(args.source_unsafe)
@@ -57,6 +69,8 @@ def _bar_chart(rows: list[dict], path) -> None:
     """Routing scores as a horizontal bar chart (PNG, chosen positions filled), drawn with PIL."""
     from PIL import Image, ImageDraw
 
+    from jaxdit.convert.checkpoint import temporary_beside
+
     width, bar, left = 640, 22, 260
     image = Image.new("RGB", (width, 40 + bar * len(rows)), "white")
     draw = ImageDraw.Draw(image)
@@ -69,14 +83,15 @@ def _bar_chart(rows: list[dict], path) -> None:
         draw.rectangle([left, y + 3, left + max(length, 1), y + bar - 3], outline="navy",
                        fill="navy" if r["chosen"] else "white")
         draw.text((left + length + 6, y + 4), f"{r['score']:.3g}", fill="black")
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
 def _write_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from jaxdit.convert.checkpoint import temporary_beside
+
+    tmp = temporary_beside(path)
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
@@ -117,6 +132,7 @@ def _train(args) -> int:
     from jaxdit.safety.safedig.core import harmful_latents
     from jaxdit.train import sae as sae_lib, trainer
 
+    _new_output(args.out, args.overwrite)
     unsafe, safe = _rows(args.unsafe, args.position), _rows(args.safe, args.position)
     d = unsafe.shape[1]
     cfg = sae_lib.SAEConfig(d_in=d, n_latents=d * args.expansion, k=args.k, position=args.position)
@@ -141,6 +157,7 @@ def _adapt(args) -> int:
     from jaxdit.safety.safedig.core import AdaptConfig, adapt_decoder
     from jaxdit.train.interop import write_safetensors
 
+    _new_output(args.out, args.overwrite)
     cfg, _, params, harmful, meta = load_dictionary(args.dictionary)
     target = _rows(args.target, meta["position"], args.limit)
     adapted, losses = adapt_decoder(params, cfg, target, AdaptConfig(steps=args.steps, batch_size=args.batch_size,
@@ -172,6 +189,9 @@ def steering_hooks(dictionaries: list[str], mode: str, strength: float, gate: fl
 def _generate(args) -> int:
     from jaxdit.pipeline import load_pipeline, save_png
 
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out {args.out}: must name a .png file")
+    _new_output(args.out)
     hooks = steering_hooks(args.dictionary, args.mode, args.strength, args.gate)
     pipe = load_pipeline(args.model, dtype=args.dtype)
     kw = {} if args.size is None else {"height": args.size, "width": args.size}
@@ -189,20 +209,20 @@ def register(sub) -> None:
     r.add_argument("--shift-unsafe", nargs="+", required=True, help="runs under shift: target domain, seeds, ...")
     r.add_argument("--shift-safe", nargs="+", required=True)
     r.add_argument("--positions", nargs="*", help="default: every position of --source-unsafe")
-    r.add_argument("--top", type=int, default=3)
-    r.add_argument("--limit", type=int, help="rows per store")
+    r.add_argument("--top", type=positive_int, default=3)
+    r.add_argument("--limit", type=positive_int, help="rows per store")
     r.add_argument("--out", required=True, help="routing table (JSON)")
     r.set_defaults(fn=_route)
     t = ss.add_parser("train", help="train the safety dictionary (TopK SAE) at a routed position")
     t.add_argument("--unsafe", required=True)
     t.add_argument("--safe", required=True)
     t.add_argument("--position", required=True)
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--expansion", type=int, default=8)
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=1024)
-    t.add_argument("--num-harmful", type=int, default=16)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--k", type=positive_int, default=32)
+    t.add_argument("--expansion", type=positive_int, default=8)
+    t.add_argument("--steps", type=positive_int, default=2000)
+    t.add_argument("--batch-size", type=positive_int, default=1024)
+    t.add_argument("--num-harmful", type=positive_int, default=16)
+    t.add_argument("--seed", type=seed_int, default=0)
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--out", required=True)
@@ -210,11 +230,11 @@ def register(sub) -> None:
     a = ss.add_parser("adapt", help="adapt only the decoder to target-domain activations (encoder frozen)")
     a.add_argument("--dictionary", required=True)
     a.add_argument("--target", required=True, help="harvest run of the target domain")
-    a.add_argument("--steps", type=int, default=500)
-    a.add_argument("--batch-size", type=int, default=256)
-    a.add_argument("--lr", type=float, default=1e-3)
-    a.add_argument("--limit", type=int)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=positive_int, default=500)
+    a.add_argument("--batch-size", type=positive_int, default=256)
+    a.add_argument("--lr", type=positive_float, default=1e-3)
+    a.add_argument("--limit", type=positive_int)
+    a.add_argument("--seed", type=seed_int, default=0)
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--out", required=True)
     a.set_defaults(fn=_adapt)
@@ -222,12 +242,12 @@ def register(sub) -> None:
     g.add_argument("--model", required=True)
     g.add_argument("--dictionary", nargs="+", required=True)
     g.add_argument("--mode", choices=["blend", "repel"], default="blend")
-    g.add_argument("--strength", type=float, default=1.0)
-    g.add_argument("--gate", type=float, default=0.0)
+    g.add_argument("--strength", type=finite_float, default=1.0)
+    g.add_argument("--gate", type=finite_float, default=0.0)
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", required=True)
-    g.add_argument("--steps", type=int, default=28)
-    g.add_argument("--size", type=int)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=positive_int, default=28)
+    g.add_argument("--size", type=positive_int)
+    g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     g.set_defaults(fn=_generate)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jaxdit.cli import finite_float, fraction, non_negative_float, positive_int, read_image, read_text, seed_int
+
 
 def register(sub) -> None:
     u = sub.add_parser("uvr", help="UVR: anchor banks for unsafe concepts")
@@ -17,13 +19,13 @@ def register(sub) -> None:
     a.add_argument("--prompts", required=True, help="text file, one prompt per line")
     a.add_argument("--out", required=True, help="output bank (.safetensors)")
     a.add_argument("--position", default="single.10.img.attn_heads")
-    a.add_argument("--steps", type=int, default=28)
-    a.add_argument("--size", type=int, default=1024)
-    a.add_argument("--window-t", type=float, default=850.0, help="start-up window: timesteps >= this")
-    a.add_argument("--quantile", type=float, default=0.8, help="patches above this attention quantile")
-    a.add_argument("--num-anchors", type=int, default=16)
+    a.add_argument("--steps", type=positive_int, default=28)
+    a.add_argument("--size", type=positive_int, default=1024)
+    a.add_argument("--window-t", type=non_negative_float, default=850.0, help="start-up window: timesteps >= this")
+    a.add_argument("--quantile", type=fraction, default=0.8, help="patches above this attention quantile")
+    a.add_argument("--num-anchors", type=positive_int, default=16)
     a.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=seed_int, default=0)
     a.set_defaults(fn=_anchors)
     z = usub.add_parser("analyze", help="start-up stage analysis: flows by step and block, localization IoU",
                         description="Generates (or edits, with --image) once, recording per step and block the "
@@ -35,17 +37,17 @@ def register(sub) -> None:
     z.add_argument("--concept", required=True)
     z.add_argument("--image", help="input image: analyse a Kontext edit")
     z.add_argument("--out", required=True, help="report directory (JSON + PNG)")
-    z.add_argument("--steps", type=int, default=28)
-    z.add_argument("--size", type=int, default=1024)
-    z.add_argument("--threshold", type=float, help="localization threshold (default 0.6, editing 0.2)")
-    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--steps", type=positive_int, default=28)
+    z.add_argument("--size", type=positive_int, default=1024)
+    z.add_argument("--threshold", type=finite_float, help="localization threshold (default 0.6, editing 0.2)")
+    z.add_argument("--seed", type=seed_int, default=0)
     z.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     z.set_defaults(fn=_analyze)
 
 
 def add_generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--uvr", metavar="BANK", help="restrict the concept of this UVR anchor bank")
-    g.add_argument("--uvr-threshold", type=float, help="localization threshold (default 0.6, editing 0.2)")
+    g.add_argument("--uvr-threshold", type=finite_float, help="localization threshold (default 0.6, editing 0.2)")
 
 
 def controller_from_args(args, editing: bool):
@@ -69,12 +71,12 @@ def controller_from_args(args, editing: bool):
 
 
 def _anchors(args) -> int:
-    from pathlib import Path
-
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.pipeline import FluxPipeline, load_pipeline
     from jaxdit.safety.uvr.anchors import collect, save_bank
 
-    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    check_writable(args.out, "--out")
+    prompts = [line.strip() for line in read_text(args.prompts, "--prompts").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts {args.prompts}: no prompts")
     pipe = load_pipeline(args.model, dtype=args.dtype)
@@ -91,11 +93,14 @@ def _anchors(args) -> int:
 def _analyze(args) -> int:
     import dataclasses
 
+    from jaxdit.convert.checkpoint import check_writable
     from jaxdit.pipeline import FluxPipeline, load_pipeline
     from jaxdit.safety.uvr import localize as loc
     from jaxdit.safety.uvr.analyze import analyze, write_report
     from jaxdit.safety.uvr.anchors import load_bank
 
+    check_writable(args.out, "--out")
+    image = read_image(args.image) if args.image else None
     anchors, meta = load_bank(args.bank)
     pipe = load_pipeline(args.model, dtype=args.dtype, editing=args.image is not None)
     if not isinstance(pipe, FluxPipeline):
@@ -103,13 +108,7 @@ def _analyze(args) -> int:
     cfg = loc.EDIT if args.image else loc.T2I
     if args.threshold is not None:
         cfg = dataclasses.replace(cfg, threshold=args.threshold)
-    kw = {}
-    image = None
-    if args.image:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
-        kw = {"max_area": args.size * args.size, "auto_resize": False}
+    kw = {} if image is None else {"max_area": args.size * args.size, "auto_resize": False}
     result = analyze(pipe, args.prompt, args.concept, anchors, position=meta["position"], image=image,
                      height=args.size, width=args.size, num_inference_steps=args.steps, seed=args.seed, config=cfg, **kw)
     out = write_report(result, args.out)
