@@ -218,8 +218,8 @@ def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, ste
                             editing=image is not None)
 
 
-# The constants `calibrate` chose for the committed weights (benchmarks/toyworld_uvr.py; RESULTS.md).
-SETTINGS: dict = {"threshold_scale": 0.7}
+# The constants `calibrate` chose for the committed weights (benchmarks/toyworld_safety.py; RESULTS.md).
+SETTINGS: dict = {"window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.2}
 
 DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants first
     {},
@@ -228,6 +228,10 @@ DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants
     {"window_t": 600.0, "core_scale": 0.0, "ring_scale": 0.2},
     {"threshold_scale": 0.7},
     {"threshold_scale": 0.7, "window_t": 600.0, "core_scale": 0.0, "ring_scale": 0.2},
+    # Past the start-up stage: on this model shape is decided at lower noise than layout (docs/uvr.md).
+    {"window_t": 300.0},
+    {"window_t": 300.0, "core_scale": 0.0, "ring_scale": 0.2},
+    {"window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.2},
 )
 
 
