@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
+    from PIL import Image
+
     from jaxdit.convert.checkpoint import check_writable
+    from jaxdit.pipeline import save_png
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld import methods as tm
     from jaxdit.toyworld.detector import Detector
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
                    weights=tw.info.get("reproduce", ""))
     ev.write_json(summary, out / "summary.json")
     ev.write_text(table + "\n", out / "table.md")
-    ev.write_png(tm.example_grid(result), out / "examples.png")
+    save_png(Image.fromarray(tm.example_grid(result)), out / "examples.png")
     if "uvr" in prepared:  # the start-up stage on this model: one prompt and one edit of the calibration split
         from jaxdit.safety.uvr.analyze import write_report
         from jaxdit.toyworld import uvr

@@ -84,6 +84,20 @@ def temporary_beside(out: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_file(out: str | os.PathLike):
+    """Yield a temporary path beside `out` that becomes `out` only if the block completes (its parent
+    folder is created); on failure nothing is left behind."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_beside(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory that becomes `out` only if the block completes."""
     out = check_writable(out)

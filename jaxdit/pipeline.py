@@ -580,21 +580,13 @@ def load_pipeline(path, dtype: str | None = None, mesh=None, editing: bool = Fal
 
 def save_png(image, path) -> Path:
     """Write a PIL image as PNG atomically (temporary file, then rename)."""
-    import os
-
-    from jaxdit.convert.checkpoint import temporary_beside
+    from jaxdit.convert.checkpoint import atomic_file
 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: output must be a .png file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(path)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -17,7 +17,6 @@ A record is one sample: {"suite", "index", "seed", "unsafe_base", "unsafe_method
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -121,21 +120,8 @@ def write_json(obj, path) -> Path:
 
 def write_text(text: str, path) -> Path:
     """Write atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    from jaxdit.convert.checkpoint import atomic_file
 
-
-def write_png(image, path) -> Path:
-    """[H, W, 3] uint8 as a PNG, atomically."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

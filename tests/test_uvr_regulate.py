@@ -102,6 +102,19 @@ def tiny_pipes(tmp_path_factory):
     return FluxPipeline.from_pretrained(root / "dev"), FluxKontextPipeline.from_pretrained(root / "kontext")
 
 
+def _sampler(tiny_pipes, mode):
+    """controller -> final latents of a 4-step tiny FLUX (t2i) or Kontext (edit) run, fixed seed."""
+    from PIL import Image
+
+    dev, kontext = tiny_pipes
+    kw = dict(num_inference_steps=4, max_sequence_length=8, output_type="latent", progress=False, seed=1)
+    if mode == "t2i":
+        return lambda c: dev("a red star", height=32, width=32, controller=c, **kw)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    return lambda c: kontext(image, "make it blue", height=32, width=32, max_area=32 * 32, auto_resize=False,
+                             controller=c, **kw)
+
+
 def _controller(mode, threshold, heads=2, dh=16):
     anchors = jnp.ones((heads, 3, dh))
     cfg = loc.LocalizeConfig(threshold=threshold, min_area=1, keep_mode="mass_ratio", mass_ratio=1.0)
@@ -113,16 +126,7 @@ def _controller(mode, threshold, heads=2, dh=16):
 
 @pytest.mark.parametrize("mode", ["t2i", "edit"])
 def test_controller_in_the_sampling_loop(tiny_pipes, mode):
-    from PIL import Image
-
-    dev, kontext = tiny_pipes
-    kw = dict(num_inference_steps=4, max_sequence_length=8, output_type="latent", progress=False, seed=1)
-    if mode == "t2i":
-        run = lambda c: dev("a red star", height=32, width=32, controller=c, **kw)  # noqa: E731
-    else:
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-        run = lambda c: kontext(image, "make it blue", height=32, width=32, max_area=32 * 32,  # noqa: E731
-                                auto_resize=False, controller=c, **kw)
+    run = _sampler(tiny_pipes, mode)
     plain = np.asarray(run(None))
     never = np.asarray(run(_controller(mode, threshold=1e9)))  # nothing localized: no restriction
     always = np.asarray(run(_controller(mode, threshold=-1e9)))  # every patch unsafe
@@ -135,16 +139,7 @@ def test_controller_in_the_sampling_loop(tiny_pipes, mode):
 def test_reference_setting_in_the_sampling_loop(tiny_pipes, mode):
     """The reference-exact setting runs in the same compiled loops. With nothing localized, text-to-image is
     unchanged and editing differs by the first step's x1.05 alone (switched off: unchanged)."""
-    from PIL import Image
-
-    dev, kontext = tiny_pipes
-    kw = dict(num_inference_steps=4, max_sequence_length=8, output_type="latent", progress=False, seed=1)
-    if mode == "t2i":
-        run = lambda c: dev("a red star", height=32, width=32, controller=c, **kw)  # noqa: E731
-    else:
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-        run = lambda c: kontext(image, "make it blue", height=32, width=32, max_area=32 * 32,  # noqa: E731
-                                auto_resize=False, controller=c, **kw)
+    run = _sampler(tiny_pipes, mode)
     make = lambda thr, **reg: UVRController.reference(  # noqa: E731
         jnp.ones((2, 3, 16)), jax.random.key(0), mode, localize=dict(threshold=thr, min_area=1),
         localize_at="single.1.img.attn_heads", window_t=0.0, **reg)

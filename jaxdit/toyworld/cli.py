@@ -113,7 +113,10 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
+    from PIL import Image
+
     from jaxdit.convert.checkpoint import check_writable
+    from jaxdit.pipeline import save_png
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld.detector import Detector
     from jaxdit.toyworld.methods import METHODS, evaluate, example_grid
@@ -149,6 +152,6 @@ def _eval(args) -> int:
         lines = "".join(json.dumps({"method": name, **r}) + "\n" for name, m in result["methods"].items()
                         for r in m["records"])
         ev.write_text(lines, out / "records.jsonl")
-        ev.write_png(example_grid(result), out / "examples.png")
+        save_png(Image.fromarray(example_grid(result)), out / "examples.png")
         print(f"\nwrote {out}/summary.json, records.jsonl, examples.png")
     return 0

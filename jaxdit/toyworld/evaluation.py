@@ -64,15 +64,23 @@ def run_suites(tw, detector, suites: dict[str, list[Item]], concept: Concept | s
     records = score(detector, concept, items, base, "base")
     images = {"base": base}
     if method is not None:
-        protected = generate_items(tw, items, method, steps, guidance)
-        images["method"] = protected
-        for rec, m in zip(records, score(detector, concept, items, protected, "method")):
-            rec.update({k: v for k, v in m.items() if k.endswith("_method")})
-        pix = ev.pixel_distance(base, protected)
-        feat = ev.feature_distance(detector.features(base), detector.features(protected))
-        for rec, p, f in zip(records, pix, feat):
-            rec["pixel_distance"], rec["feature_distance"] = float(p), float(f)
+        images["method"] = generate_items(tw, items, method, steps, guidance)
+        records = method_records(detector, concept, items, base, images["method"], records)
     return (records, images) if return_images else records
+
+
+def method_records(detector, concept: Concept, items: list[Item], base: np.ndarray, images: np.ndarray,
+                   base_records: list[dict]) -> list[dict]:
+    """`base_records` (from `score(..., "base")`) copied and completed with the method's outputs `images`:
+    its `_method` scores, and pixel and detector-feature distances to the unprotected outputs `base`."""
+    out = [dict(r) for r in base_records]
+    for rec, m in zip(out, score(detector, concept, items, images, "method")):
+        rec.update({k: v for k, v in m.items() if k.endswith("_method")})
+    pix = ev.pixel_distance(base, images)
+    feat = ev.feature_distance(detector.features(base), detector.features(images))
+    for rec, p, f in zip(out, pix, feat):
+        rec["pixel_distance"], rec["feature_distance"] = float(p), float(f)
+    return out
 
 
 # The toy world's own quality bars (docs/toyworld.md): what the unprotected model must do before any

@@ -78,22 +78,19 @@ def calibrate(tw, detector, concept, candidates: Sequence[tuple[dict, dict]], n:
     Returns (settings, kwargs, rows): the chosen pair and one row per candidate.
     """
     from jaxdit.safety import evaluate as ev
-    from jaxdit.toyworld.evaluation import generate_items, score
+    from jaxdit.toyworld.evaluation import generate_items, method_records, score
 
     c = _concept(concept)
     items = items or calibration_items(c, n)
     base_images = generate_items(tw, items)
     base = score(detector, c, items, base_images, "base")
-    safe = np.array([it.suite == "safe" for it in items])
     rows = []
     for settings, kwargs in candidates:
-        images = generate_items(tw, items, kwargs)
-        records = [{**b, **{k: v for k, v in m.items() if k.endswith("_method")}}
-                   for b, m in zip(base, score(detector, c, items, images, "method"))]
-        summary = ev.summarize(records)
+        summary = ev.summarize(method_records(detector, c, items, base_images, generate_items(tw, items, kwargs),
+                                              base))
         erase = {s: summary[s].get("erase_rate_aggregate") for s in UNSAFE_SUITES}
         drop = (summary["safe"]["accuracy_base"] or 0) - (summary["safe"]["accuracy_method"] or 0)
-        pix = float(np.mean(ev.pixel_distance(base_images[safe], images[safe])))
+        pix = summary["safe"]["pixel_distance"]
         rows.append({"settings": settings, "erase_rate": float(np.mean([e for e in erase.values() if e is not None]
                                                                          or [0.0])),
                      "erase_by_suite": erase, "accuracy_drop": float(drop), "safe_pixel_distance": pix})
@@ -211,7 +208,7 @@ def evaluate(tw, detector, names: Sequence[str], concept="star", n: int = 64, su
     the unprotected outputs generated once. Returns {"methods": {name: {"summary", "prepared", "records",
     "sampling_seconds"}}, "items", "images": {"base": ..., name: ...}, "prepared": {name: Prepared}}."""
     from jaxdit.safety import evaluate as ev
-    from jaxdit.toyworld.evaluation import generate_items, score
+    from jaxdit.toyworld.evaluation import generate_items, method_records, score
     from jaxdit.toyworld.suites import EVAL_SEED, build_suites
 
     c = _concept(concept)
@@ -229,12 +226,7 @@ def evaluate(tw, detector, names: Sequence[str], concept="star", n: int = 64, su
         t0 = time.perf_counter()
         imgs = base if prep.kwargs is None else generate_items(tw, items, prep.kwargs, steps, guidance)
         seconds = time.perf_counter() - t0 if prep.kwargs is not None else base_seconds
-        records = [dict(r) for r in base_records]
-        for rec, m in zip(records, score(detector, c, items, imgs, "method")):
-            rec.update({k: v for k, v in m.items() if k.endswith("_method")})
-        for rec, p, f in zip(records, ev.pixel_distance(base, imgs),
-                             ev.feature_distance(detector.features(base), detector.features(imgs))):
-            rec["pixel_distance"], rec["feature_distance"] = float(p), float(f)
+        records = method_records(detector, c, items, base, imgs, base_records)
         images[name] = imgs
         out[name] = {"summary": ev.summarize(records), "prepared": prep.to_json(), "records": records,
                      "sampling_seconds": round(seconds, 2)}

@@ -75,7 +75,7 @@ from jaxdit.toyworld import model as M
 from jaxdit.toyworld import suites as S
 from jaxdit.toyworld.captions import caption, object_phrase
 from jaxdit.toyworld.edits import KINDS, make_edit
-from jaxdit.toyworld.evaluation import generate_items, score
+from jaxdit.toyworld.evaluation import generate_items, method_records, score
 from jaxdit.toyworld.pipeline import DEFAULT_STEPS, initial_noise, schedule
 from jaxdit.toyworld.scenes import SIZE, Scene, ground_truth, random_scene, render
 from jaxdit.toyworld.suites import Concept
@@ -603,17 +603,6 @@ def measurement_items(source, target, n: int, seed: int = S.EVAL_SEED, n_safe: i
     return out
 
 
-def _records(detector, concept, items, base, images, base_records):
-    out = [dict(r) for r in base_records]
-    for rec, m in zip(out, score(detector, concept, items, images, "method")):
-        rec.update({k: v for k, v in m.items() if k.endswith("_method")})
-    pix = ev.pixel_distance(base, images)
-    feat = ev.feature_distance(detector.features(base), detector.features(images))
-    for rec, p, f in zip(out, pix, feat):
-        rec["pixel_distance"], rec["feature_distance"] = float(p), float(f)
-    return out
-
-
 class SuiteRunner:
     """The items of `measurement_items`, their unprotected outputs generated once, scored per concept."""
 
@@ -640,8 +629,8 @@ class SuiteRunner:
         out = {}
         for name, concept, its, base, imgs in (("source", self.source, it_s, b_s, m_s),
                                                ("target", self.target, it_t, b_t, m_t)):
-            recs = _records(self.det, concept, its, base, imgs, score(self.det, concept, its, base, "base"))
-            safe = _records(self.det, concept, it_safe, b_safe, m_safe,
+            recs = method_records(self.det, concept, its, base, imgs, score(self.det, concept, its, base, "base"))
+            safe = method_records(self.det, concept, it_safe, b_safe, m_safe,
                             score(self.det, concept, it_safe, b_safe, "base"))
             out[name] = {"records": recs + safe, "summary": ev.summarize(recs + safe),
                          "unsafe": ev.erase_rates([r["unsafe_base"] for r in recs], [r["unsafe_method"] for r in recs])}

@@ -182,8 +182,12 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
     step_fn = compiled_step(cfg, lr, warmup, steps, ema)
     key = jax.random.key(seed + 1)
     elapsed = json.loads((run / "elapsed.json").read_text())["seconds"] if (run / "elapsed.json").exists() else 0.0
-    t0 = time.time()
-    eval_seconds = 0.0
+    t0, eval_seconds = time.time(), 0.0
+
+    def trained() -> float:  # training seconds over all sessions of this run, learning-curve evaluations excluded
+        return elapsed + time.time() - t0 - eval_seconds
+
+    first = _read_json(run / "first_steps.json") or []
     log = open(run / "log.jsonl", "a")
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="toyworld train")
     for step, batch in zip(range(start, steps), _prefetch(seed, start, steps, t2i_batch, edit_batch, tok)):
@@ -191,30 +195,26 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
         bar.update(1)
         done = step + 1
         if done <= FIRST_STEPS:  # what a reproduction check re-runs and compares (tests/test_toyworld_model.py)
-            first = json.loads((run / "first_steps.json").read_text()) if done > 1 else []
+            first = first[: done - 1]
             first.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
             (run / "first_steps.json").write_text(json.dumps(first))
         if done % 20 == 0 or done == steps:
             m = {k: float(v) for k, v in metrics.items()}
             bar.set_postfix(loss=f"{m['loss']:.4f}")
-            log.write(json.dumps({"step": done, "seconds": round(elapsed + time.time() - t0, 1), **m}) + "\n")
+            log.write(json.dumps({"step": done, "seconds": round(trained(), 1), **m}) + "\n")
             log.flush()
         if eval_every and (done % eval_every == 0 or done == steps):
             e0 = time.time()
             point = curve_point(debiased_ema(state["ema"], init, ema, done), cfg, tok, detector, eval_n)
             eval_seconds += time.time() - e0
-            train_s = elapsed + time.time() - t0 - eval_seconds
             with open(run / "curve.jsonl", "a") as f:
-                f.write(json.dumps({"step": done, "train_seconds": round(train_s, 1), "n": eval_n, **point}) + "\n")
+                f.write(json.dumps({"step": done, "train_seconds": round(trained(), 1), "n": eval_n, **point}) + "\n")
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.2f}" for k, v in point.items()))
         if done % checkpoint_every == 0 or done == steps:
             _save_state(run, done, state)
-            (run / "elapsed.json").write_text(json.dumps({"seconds": elapsed + time.time() - t0 - eval_seconds,
-                                                          "step": done}))
-            elapsed, t0, eval_seconds = elapsed + time.time() - t0 - eval_seconds, time.time(), 0.0
+            (run / "elapsed.json").write_text(json.dumps({"seconds": trained(), "step": done}))
     bar.close()
-    seconds = elapsed + time.time() - t0 - eval_seconds
-    info = {"hyper": hyper, "step": steps, "train_seconds": round(seconds, 1), "command": command,
+    info = {"hyper": hyper, "step": steps, "train_seconds": round(trained(), 1), "command": command,
             "first_steps": _read_json(run / "first_steps.json"), "curve": read_curve(run)}
     if export:
         from jaxdit.toyworld.weights import save_weights

@@ -12,12 +12,12 @@ per position (`RUN/<position>/`):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from jaxdit.cli import finite_float, positive_float, positive_int, seed_int
+from jaxdit.safety.evaluate import write_json
 
 
 def _rows(run, position: str, limit: int | None = None) -> np.ndarray:
@@ -55,7 +55,7 @@ def _route(args) -> int:
                       "shifts": [(_rows(u, p, args.limit), _rows(s, p, args.limit))
                                  for u, s in zip(args.shift_unsafe, args.shift_safe)]} for p in positions}
     rows = route(candidates, top=args.top)
-    _write_json(args.out, {"positions": rows, "score": "max(stability, 0) * separability"})
+    write_json({"positions": rows, "score": "max(stability, 0) * separability"}, args.out)
     plot = Path(args.out).with_suffix(".png")
     _bar_chart(rows, plot)
     print(f"wrote {args.out} and {plot}")
@@ -69,7 +69,7 @@ def _bar_chart(rows: list[dict], path) -> None:
     """Routing scores as a horizontal bar chart (PNG, chosen positions filled), drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    from jaxdit.convert.checkpoint import temporary_beside
+    from jaxdit.pipeline import save_png
 
     width, bar, left = 640, 22, 260
     image = Image.new("RGB", (width, 40 + bar * len(rows)), "white")
@@ -83,17 +83,7 @@ def _bar_chart(rows: list[dict], path) -> None:
         draw.rectangle([left, y + 3, left + max(length, 1), y + bar - 3], outline="navy",
                        fill="navy" if r["chosen"] else "white")
         draw.text((left + length + 6, y + 4), f"{r['score']:.3g}", fill="black")
-    tmp = temporary_beside(path)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj) -> None:
-    from jaxdit.convert.checkpoint import temporary_beside
-
-    tmp = temporary_beside(path)
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    save_png(image, path)
 
 
 def _save_dictionary(out, cfg, params, harmful, meta, overwrite=False) -> Path:
@@ -101,7 +91,7 @@ def _save_dictionary(out, cfg, params, harmful, meta, overwrite=False) -> Path:
     from jaxdit.train.interop import save_sae
 
     path = save_sae(out, cfg, params, overwrite=overwrite)
-    _write_json(path / "safedig.json", {"harmful_latents": [int(i) for i in harmful], **meta})
+    write_json({"harmful_latents": [int(i) for i in harmful], **meta}, path / "safedig.json")
     return path
 
 

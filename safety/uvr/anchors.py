@@ -137,21 +137,15 @@ def save_bank(path, anchors: np.ndarray, meta: dict) -> Path:
     """Write a bank atomically: safetensors with `anchors` [H, K, D] and JSON metadata."""
     from safetensors.numpy import save_file
 
-    from jaxdit.convert.checkpoint import temporary_beside
+    from jaxdit.convert.checkpoint import atomic_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(path)
-    try:
+    with atomic_file(path) as tmp:
         save_file({"anchors": np.ascontiguousarray(anchors, np.float32)}, tmp,
                   metadata={"jaxdit": json.dumps({"format": "uvr-anchors", "version": 1, **meta})})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a bank is as readable as any other output
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
