@@ -1,5 +1,7 @@
 """SAE model functions: exact sharded TopK, gathers, loss sharded vs one device, JumpReLU estimator, init."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ BATCH = ("data", "fsdp")
 
 
 def _mesh(data, tensor):
-    return make_mesh(data, 1, tensor)
+    return make_mesh(data, 1, tensor, devices=jax.devices()[:data * tensor])
 
 
 @pytest.mark.parametrize("data,tensor,n,k", [(2, 4, 64, 10), (1, 8, 16, 5), (4, 2, 32, 32), (1, 8, 64, 1)])
@@ -31,24 +33,42 @@ def test_sharded_topk_equals_lax_top_k_with_ties(data, tensor, n, k):
     np.testing.assert_array_equal(np.asarray(index), np.asarray(ref_index))
 
 
-def test_sharded_gathers_equal_dense_products():
-    mesh = _mesh(2, 4)
+@pytest.mark.parametrize("dense,small_block", [(False, 0), (False, sparse.SMALL_BLOCK), (True, 0)])
+@pytest.mark.parametrize("data,tensor", [(2, 4), (8, 1), (1, 1)])
+def test_sparse_encode_decode_gradients_equal_dense_autodiff(monkeypatch, data, tensor, dense, small_block):
+    """select_encode / gather_decode (k-sparse by slot or in one op, or dense backward; sharded or not)
+    against plain autodiff."""
+    monkeypatch.setattr(sparse, "SMALL_BLOCK", small_block)
+    mesh = _mesh(data, tensor)
     rng = np.random.default_rng(0)
-    xc, w_enc = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), jnp.asarray(rng.normal(size=(6, 32)), jnp.float32)
-    b_enc, w_dec = jnp.asarray(rng.normal(size=(32,)), jnp.float32), jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
-    index = jnp.asarray(rng.integers(0, 32, (8, 5)), jnp.int32)
+    d = 2 * sparse._TILE  # the transposed weight gradient is written out in two blocks
+    xn, w_enc = jnp.asarray(rng.normal(size=(8, d)), jnp.float32), jnp.asarray(rng.normal(size=(d, 32)), jnp.float32)
+    b_enc, w_dec = jnp.asarray(rng.normal(size=(32,)), jnp.float32), jnp.asarray(rng.normal(size=(32, d)), jnp.float32)
+    b_dec = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(8, d)), jnp.float32)
 
-    def local(xc, w_enc, b_enc, w_dec, index):
-        v = sparse.gather_encode(xc, w_enc, b_enc, index, "tensor")
-        return v, sparse.gather_decode(v, index, w_dec, "tensor")
+    def reference(w_enc, b_enc, w_dec, b_dec):
+        pre = (xn - b_dec) @ w_enc + b_enc
+        values, index = jax.lax.top_k(pre, 5)
+        recon = jnp.einsum("bk,bkd->bd", jax.nn.relu(values), w_dec[index])
+        return jnp.sum((recon - target) ** 2)
 
-    specs = (P(BATCH), P(None, "tensor"), P("tensor"), P("tensor"), P(BATCH))
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(BATCH), P(BATCH))))
-    values, recon = fn(xc, w_enc, b_enc, w_dec, index)
-    dense_pre = xc @ w_enc + b_enc
-    np.testing.assert_allclose(values, jnp.take_along_axis(dense_pre, index, 1), rtol=1e-5, atol=1e-5)
-    z = jnp.zeros((8, 32)).at[jnp.arange(8)[:, None], index].add(values)
-    np.testing.assert_allclose(recon, z @ w_dec, rtol=1e-5, atol=1e-5)
+    def local(w_enc, b_enc, w_dec, b_dec, xn, target):
+        vary = lambda a: jax.lax.pcast(a, BATCH, to="varying")  # noqa: E731
+        pre = jax.lax.stop_gradient((xn - b_dec) @ w_enc + b_enc)
+        selected, index = sparse.topk(pre, 5, "tensor")
+        v = sparse.select_encode(selected, xn, vary(b_dec), vary(w_enc), vary(b_enc), index, "tensor", dense)
+        recon = sparse.gather_decode(jax.nn.relu(v), index, vary(w_dec), "tensor", dense=dense)
+        return jax.lax.psum(jnp.sum((recon - target) ** 2), BATCH)
+
+    specs = (P(None, "tensor"), P("tensor"), P("tensor"), P(), P(BATCH), P(BATCH))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+    args = (w_enc, b_enc, w_dec, b_dec)
+    value, grads = jax.jit(jax.value_and_grad(lambda *a: fn(*a, xn, target), argnums=(0, 1, 2, 3)))(*args)
+    ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for name, g, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads, ref_grads):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def _loss_fns(cfg, loss_cfg, batch, mesh):
@@ -66,12 +86,14 @@ def _loss_fns(cfg, loss_cfg, batch, mesh):
     return params, single, sharded
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
-def test_loss_and_gradients_sharded_equal_single_device(arch):
+@pytest.mark.parametrize("arch,batch", [("topk", 32), ("topk", 2 * 2 * sae.ROW_BLOCK), ("batchtopk", 32),
+                                        ("jumprelu", 32), ("relu", 32)])
+def test_loss_and_gradients_sharded_equal_single_device(arch, batch):
+    """(2 * 2 * ROW_BLOCK rows: the TopK selection runs by row blocks, on one device and on each shard.)"""
     cfg = sae.SAEConfig(d_in=8, n_latents=64, k=4, arch=arch, jumprelu_bandwidth=0.5)
     loss_cfg = sae.LossConfig(aux_k=8, dead_tokens=1, sparsity_coeff=0.1)
-    params, single, sharded = _loss_fns(cfg, loss_cfg, 32, _mesh(2, 4))
-    x = jax.random.normal(jax.random.key(1), (32, 8)) + 0.5
+    params, single, sharded = _loss_fns(cfg, loss_cfg, batch, _mesh(2, 4))
+    x = jax.random.normal(jax.random.key(1), (batch, 8)) + 0.5
     since = jnp.arange(64, dtype=jnp.int32) % 2  # half the latents dead: AuxK active
     (l1, a1), g1 = jax.jit(jax.value_and_grad(sharded, has_aux=True))(params, x, since)
     (l2, a2), g2 = jax.jit(jax.value_and_grad(single, has_aux=True))(params, x, since)
@@ -157,3 +179,59 @@ def test_dead_counter_saturates():
     since = jnp.array([0, 5, np.iinfo(np.int32).max - 10], jnp.int32)
     out = sae.update_since_fired(since, jnp.array([1, 0, 0]), 100)
     assert out[0] == 0 and out[1] == 105 and 0 < int(out[2]) <= np.iinfo(np.int32).max
+
+
+def _always_full_width(num_dead, widths):
+    return jnp.asarray(len(widths), jnp.int32)  # the widest AuxK branch, dead latents or not
+
+
+@pytest.mark.parametrize("num_dead", [0, 3, 40])
+def test_auxk_runs_only_when_it_contributes_and_as_narrow_as_the_dead_count(monkeypatch, num_dead):
+    """Skipping AuxK while nothing is dead changes no bit of the loss, the metrics or the gradients against
+    computing it at full width (and scaling it by 0); narrowing it to the dead count changes nothing but
+    the rounding of the dense products."""
+    cfg = sae.SAEConfig(d_in=8, n_latents=128, k=4)
+    loss_cfg = sae.LossConfig(aux_k=64, dead_tokens=100)
+    assert sae.auxk_widths(64) == (16, 64)
+    params = sae.init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (32, 8)) + 0.5
+    since = jnp.where(jnp.arange(128) < num_dead, 100, 0).astype(jnp.int32)
+
+    def run():
+        fn = lambda p: sae.train_loss(p, cfg, loss_cfg, x, since, sae.Axes(), 32)  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+    (loss, aux), grads = run()
+    monkeypatch.setattr(sae, "_auxk_branch", _always_full_width)
+    (ref_loss, ref_aux), ref_grads = run()
+    assert (float(aux["aux_loss"]) > 0) == (num_dead > 0)
+    same = np.testing.assert_array_equal if num_dead == 0 else functools.partial(np.testing.assert_allclose,
+                                                                                  rtol=1e-6, atol=1e-9)
+    same(loss, ref_loss)
+    for key in ref_aux:
+        same(aux[key], ref_aux[key], err_msg=key)
+    for key in ref_grads:
+        same(grads[key], ref_grads[key], err_msg=key)
+
+
+@pytest.mark.parametrize("tensor,stages", [(1, 1), (4, 2)])
+def test_no_second_top_k_on_an_unsharded_latent_axis(tensor, stages):
+    fn = jax.shard_map(lambda a: sparse.topk(a, 3, "tensor"), mesh=_mesh(1, tensor), in_specs=P(None, "tensor"),
+                       out_specs=P())
+    jaxpr = jax.make_jaxpr(fn)(jnp.zeros((4, 16)))
+    count = str(jaxpr).count("top_k[")
+    assert count == stages, jaxpr
+
+
+
+def test_top_k_selection_by_row_blocks_equals_the_whole_batch():
+    cfg = sae.SAEConfig(d_in=16, n_latents=256, k=8)
+    params = sae.init_params(cfg, jax.random.key(0), b_dec=jnp.full((16,), 0.1))
+    rows = 3 * sae.ROW_BLOCK
+    xn = jax.random.normal(jax.random.key(1), (rows, 16))
+    keep = jnp.arange(256) % 3 == 0
+    values, index = jax.jit(lambda p, x: sae._top_preactivations(p, cfg, x, 8, sae.Axes(), keep))(params, xn)
+    pre = jnp.where(keep, (xn - params["b_dec"]) @ params["W_enc"] + params["b_enc"], -jnp.inf)
+    ref_values, ref_index = jax.lax.top_k(pre, 8)
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_allclose(values, ref_values, rtol=1e-6, atol=1e-6)

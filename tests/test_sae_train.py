@@ -67,6 +67,45 @@ def test_sharded_training_matches_single_device_step_for_step(tmp_path):
         np.testing.assert_allclose(sharded[key], single[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("mesh", [(1, 1, 1), (2, 1, 4)])
+def test_skipping_auxk_while_no_latent_is_dead_is_bitwise_neutral(tmp_path, monkeypatch, mesh):
+    """A run where no latent dies (the step compiled without AuxK throughout) equals, bit for bit, the same
+    run computing AuxK, at full width and scaled by 0, every step (what the trainer did before)."""
+    x, _ = _planted(n_rows=2048, d=16, atoms=24)
+    np.save(tmp_path / "x.npy", x)
+    cfg = sae.SAEConfig(d_in=16, n_latents=64, k=4)
+    tc = trainer.TrainConfig(steps=8, batch_size=64, warmup_steps=2, loss=sae.LossConfig(aux_k=64, dead_tokens=256))
+    decisions, choice = [], trainer.auxk_choice
+
+    def recorded(step, *args):
+        decisions.append((step, *choice(step, *args)))
+        return decisions[-1][1:]
+
+    monkeypatch.setattr(trainer, "auxk_choice", recorded)
+    _, skipped = _run(tmp_path / "x.npy", tmp_path / "skipped", cfg, tc, mesh=mesh, log_every=1)
+    assert decisions[0] == (0, 4, 0)  # before 256 tokens no latent can be dead: no need to read the counters
+    assert len(decisions) > 1 and all(last > step for step, last, _ in decisions)  # read again later: none dead
+    assert sae.auxk_widths(64) == (16, 64)
+    monkeypatch.setattr(trainer, "auxk_choice", lambda step, *args: (step, 64))  # full-width AuxK every step
+    _, always = _run(tmp_path / "x.npy", tmp_path / "always", cfg, tc, mesh=mesh, log_every=1)
+    for key in always:
+        np.testing.assert_array_equal(skipped[key], always[key], err_msg=key)
+    timing = ("tokens_per_s", "elapsed_s")
+    for a, b in zip(_metrics(tmp_path / "skipped"), _metrics(tmp_path / "always")):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+        assert a["dead_fraction"] == 0 and a["aux_loss"] == 0
+
+
+def test_auxk_choice_bounds_the_dead_latents_and_picks_the_narrowest_width():
+    cfg = sae.SAEConfig(d_in=8, n_latents=128, k=4)
+    tc = trainer.TrainConfig(steps=100, batch_size=64, loss=sae.LossConfig(aux_k=64, dead_tokens=256))
+    assert trainer.auxk_choice(10, 0, 0, cfg, tc) == (14, 0)  # 4 more batches before a counter reaches 256
+    assert trainer.auxk_choice(10, 255, 0, cfg, tc) == (11, 0)
+    assert trainer.auxk_choice(10, 256, 3, cfg, tc) == (10, 16)  # dead now: AuxK at step 11, 3 of 16 slots
+    assert trainer.auxk_choice(10, 300, 17, cfg, tc) == (10, 64)
+    assert trainer.auxk_choice(10, 300, 100, cfg, tc) == (10, 64)  # aux_k caps the width
+
+
 class _Killed(Exception):
     pass
 

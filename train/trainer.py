@@ -21,6 +21,15 @@ is complete and the data stream is a function of its position, so on CPU the fin
 bitwise those of an uninterrupted run. `RunOptions` (mesh included) may change between the two; the
 checkpoint is restored straight onto the new shardings.
 
+AuxK. While no latent is dead the AuxK term is exactly 0, and the loop runs a step compiled without
+it; steps where some latent is dead run a step compiled with AuxK at the narrowest width holding the
+dead latents (`sae.auxk_widths`, each compiled when first needed). The host knows without asking the
+device that no latent can be dead before `dead_tokens` tokens since the last read of the dead-latent
+counters (`auxk_choice`), so it reads them (one host sync) only when that bound runs out, after
+(dead_tokens - the largest counter) / batch_size steps, and at every step while some latent is dead. The
+choice is a function of the state, so a resumed run makes the same choices; skipping AuxK changes no bit
+of the result.
+
 NaN / inf. The step records the first step whose batch was not finite (a device-side flag, no host sync);
 the host reads it at every log and before every checkpoint and stops with the step, the stream position
 and the chunk and row it came from, so no checkpoint ever holds a poisoned state.
@@ -143,7 +152,20 @@ def lr_schedule(tc: TrainConfig, base_lr: float) -> optax.Schedule:
 
 def make_optimizer(tc: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     adam = optax.adam(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps)
-    return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adam) if tc.clip_norm else adam
+    return optax.chain(clip_by_global_norm(tc.clip_norm), adam) if tc.clip_norm else adam
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (same empty state) scaling by one factor, min(1, max_norm / norm): a
+    multiply, which XLA fuses into Adam's moment updates, where optax's per-element divide makes it write
+    out a clipped copy of every gradient first (24 ms a step for W_enc at d 768 on CPU)."""
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def param_specs(cfg: sae.SAEConfig) -> dict[str, P]:
@@ -188,18 +210,36 @@ def state_shardings(cfg: sae.SAEConfig, optimizer, mesh: Mesh, abstract_state) -
             "step": replicated, "bad_step": replicated}
 
 
-def make_train_step(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh, optimizer, schedule, shardings):
-    """jit(step)(state, x [B, d]) -> (state, metrics); `state` is donated."""
-    axes = sae.Axes(LATENT_AXIS, BATCH_AXES)
-    specs = param_specs(cfg)
+def uses_auxk(cfg: sae.SAEConfig, tc: TrainConfig) -> bool:
+    """Whether the loss has an AuxK term (TopK-type SAEs with aux_alpha > 0)."""
+    return cfg.arch in sae.SPARSE_ARCHS and tc.loss.aux_alpha > 0
+
+
+def make_train_step(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh, optimizer, schedule, shardings, *,
+                    auxk_width: int | None = None):
+    """jit(step)(state, x [B, d]) -> (state, metrics); `state` is donated.
+
+    `auxk_width` (see `sae.train_loss`): None decides inside the program whether AuxK runs and at which
+    width; `train` instead compiles one step per width it needs and picks it on the host
+    (`auxk_choice`): 0, the step without AuxK, wherever no latent is dead (AuxK would add exact zeros to
+    the loss and the gradients there; tests/test_sae_train.py checks the bits against computing it), and
+    the narrowest width holding the dead latents elsewhere. A program with a `lax.switch` pays, even in
+    its empty branch, for copying the other branches' residuals; these do not.
+    """
+    # Only the mesh axes with more than one device: a collective over a size-1 axis is still a copy on CPU.
+    batch_axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    latents = LATENT_AXIS if mesh.shape[LATENT_AXIS] > 1 else None
+    axes = sae.Axes(latents, batch_axes)
+    specs = {k: P(*(a if a == latents else None for a in spec)) for k, spec in param_specs(cfg).items()}
     batch = tc.batch_size
     _, aux_shapes = jax.eval_shape(  # which metrics this architecture and loss report
-        lambda x, s: sae.train_loss(sae.init_params(cfg, jax.random.key(0)), cfg, tc.loss, x, s, sae.Axes(), batch),
+        lambda x, s: sae.train_loss(sae.init_params(cfg, jax.random.key(0)), cfg, tc.loss, x, s, sae.Axes(), batch,
+                                    auxk_width),
         jax.ShapeDtypeStruct((batch, cfg.d_in), jnp.float32), jax.ShapeDtypeStruct((cfg.n_latents,), jnp.int32))
-    aux_specs = {k: P(LATENT_AXIS) if k == "fired" else P() for k in aux_shapes}
+    aux_specs = {k: P(latents) if k == "fired" else P() for k in aux_shapes}
     loss = jax.shard_map(
-        lambda p, x, s: sae.train_loss(p, cfg, tc.loss, x, s, axes, batch), mesh=mesh,
-        in_specs=(specs, P(BATCH_AXES, None), P(LATENT_AXIS)), out_specs=(P(), aux_specs))
+        lambda p, x, s: sae.train_loss(p, cfg, tc.loss, x, s, axes, batch, auxk_width), mesh=mesh,
+        in_specs=(specs, P(batch_axes or None, None), P(latents)), out_specs=(P(), aux_specs))
 
     def step(state, x):
         params = state["params"]
@@ -213,7 +253,7 @@ def make_train_step(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh, optimizer, 
                             (1 - tc.threshold_ema) * old + tc.threshold_ema * aux["batch_threshold"])
             params = {**params, "threshold": jnp.broadcast_to(new, old.shape)}
         count = state["step"] + 1
-        finite = jnp.all(jnp.isfinite(x))
+        finite = jnp.isfinite(jnp.sum(x * 0.0))  # NaN iff some entry is not finite; one fast reduction
         new_state = {"params": params, "opt": opt,
                      "since_fired": sae.update_since_fired(state["since_fired"], aux.pop("fired"), batch),
                      "step": count,
@@ -222,6 +262,21 @@ def make_train_step(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh, optimizer, 
 
     return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, P(BATCH_AXES, None))),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def auxk_choice(step: int, max_since_fired: int, num_dead: int, cfg: sae.SAEConfig, tc: TrainConfig
+                ) -> tuple[int, int]:
+    """(the last step at which no latent can be dead, the AuxK width for step + 1), after `step` steps
+    left every latent at most `max_since_fired` tokens since it last fired and `num_dead` latents dead.
+
+    Counters grow by one batch per step at most, so no latent can be dead for (dead_tokens -
+    max_since_fired) / batch_size more steps; once one is, the width is the narrowest of
+    `sae.auxk_widths` holding the dead latents (0: no AuxK)."""
+    dead_tokens = tc.loss.dead_tokens
+    if max_since_fired < dead_tokens:
+        return step + 1 + (dead_tokens - 1 - max_since_fired) // tc.batch_size, 0
+    aux_k = min(tc.loss.aux_k, cfg.n_latents)
+    return step, next(w for w in sae.auxk_widths(aux_k) if w >= min(num_dead, aux_k))
 
 
 # --- data-dependent initialisation ----------------------------------------------------------------------
@@ -336,7 +391,15 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
     optimizer = make_optimizer(tc, schedule)
     abstract = jax.eval_shape(lambda: init_state(cfg, tc, optimizer, None))
     shardings = state_shardings(cfg, optimizer, mesh, abstract)
-    step_fn = make_train_step(cfg, tc, mesh, optimizer, schedule, shardings)
+    step_fns: dict[int | None, Callable] = {}
+
+    def step_fn(auxk_width: int | None):  # compiled when first needed
+        if auxk_width not in step_fns:
+            step_fns[auxk_width] = make_train_step(cfg, tc, mesh, optimizer, schedule, shardings,
+                                                   auxk_width=auxk_width)
+        return step_fns[auxk_width]
+
+    dead_counts = jax.jit(lambda s: (jnp.max(s), jnp.sum(s >= tc.loss.dead_tokens, dtype=jnp.int32)))
     local_batch = tc.batch_size // jax.process_count()
     lead = jax.process_index() == 0
     manager = _checkpoint_manager(out, opts)
@@ -369,11 +432,22 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
                     f"(data position {first}..{first + local_batch} of process {jax.process_index()}): "
                     f"{stream.describe_nonfinite(first, local_batch)}")
 
+        def choose(done: int) -> tuple[int, int]:
+            top, num_dead = dead_counts(state["since_fired"])
+            return auxk_choice(done, int(_host(top)), int(_host(num_dead)), cfg, tc)
+
+        # Each step's program is a function of the state alone (so of nothing RunOptions or a resumption
+        # change), read from the dead-latent counters only when the bound from the last read has run out.
+        auxk = uses_auxk(cfg, tc)
+        free_until, width = choose(start) if auxk else (tc.steps, None)
         bar = tqdm(total=tc.steps, initial=start, disable=not (lead and opts.progress), desc="sae train", unit="step")
         t0 = t_last = time.perf_counter()
         s_last = start
         for s in range(start + 1, tc.steps + 1):
-            state, metrics = step_fn(state, _global_batch(stream.next(), mesh))
+            if auxk and s > free_until:
+                free_until, width = choose(s - 1)
+            program = step_fn(0 if auxk and s <= free_until else width)
+            state, metrics = program(state, _global_batch(stream.next(), mesh))
             bar.update(1)
             if s % opts.log_every == 0 or s == tc.steps:
                 check_finite()
