@@ -4,7 +4,9 @@ Accepted forms:
 - a jaxdit checkpoint directory (written by `convert` / `jaxdit convert`);
 - a diffusers model folder: `config.json` + one `.safetensors` file or a sharded `*.safetensors.index.json`,
   or a pipeline folder with `model_index.json` (its `transformer/` is used);
-- an original single-file checkpoint (`.safetensors`), family and config read off its tensors.
+- an original single-file checkpoint (`.safetensors`), family and config read off its tensors; the
+  other components of an all-in-one file (VAE, text encoders) are set aside, with one warning naming them.
+`load_vae` reads the autoencoder of such a file (or BFL's `ae.safetensors`, or a diffusers folder).
 Pickle-based files (.bin/.pt/.ckpt) are refused, never unpickled.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.convert import checkpoint as ckpt
+from jaxdit.convert.keymaps import components
 from jaxdit.convert.safetensors_io import CheckpointError, TensorSource, refuse_pickle
 from jaxdit.convert.tree import fill_params
 
@@ -67,6 +71,43 @@ def _family_for_class(cls_name: str, where) -> Family:
     raise CheckpointError(f"{where}: model class {cls_name!r} is not supported (supported: {known})")
 
 
+class KeySubset:
+    """A tensor source seen through some of its keys (an all-in-one file's transformer or VAE tensors)."""
+
+    def __init__(self, source, keys):
+        self.source, self._keys, self.path = source, list(keys), source.path
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str):
+        return self.source.shape(key)
+
+    def get(self, key: str):
+        return self.source.get(key)
+
+    def file_of(self, key: str):
+        return self.source.file_of(key)
+
+
+def transformer_tensors(source):
+    """`source` without the tensors of the other components an all-in-one file stores beside the
+    transformer (`keymaps.components`), with one warning naming each skipped prefix and its count."""
+    skipped = components.other_components(source.keys())
+    if not skipped:
+        return source
+    warnings.warn(f"{source.path}: skipped {sum(skipped.values())} tensors of other components "
+                  f"({components.describe(skipped)}); only the transformer is read")
+    return KeySubset(source, [k for k in source.keys() if components.component_of(k) is None])
+
+
+def _check_family(config, fam: Family, where) -> None:
+    # A config of the other family would fail later on the first tensor, with a less useful message.
+    if config is not None and getattr(config, "family", None) != fam.name:
+        raise CheckpointError(f"{where}: holds a transformer of family {fam.name!r}, but the config given is "
+                              f"a {type(config).__name__}")
+
+
 def _progress(desc: str, total: int):
     from tqdm.auto import tqdm
 
@@ -94,6 +135,7 @@ def read_torch_checkpoint(path, dtype=None, config=None, allow_nonfinite: bool =
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
         fam = _family_for_class(raw.get("_class_name", "?"), cfg_file)
+        _check_family(config, fam, path)
         try:
             config = config or fam.config_from_diffusers(raw)
         except (TypeError, ValueError) as e:
@@ -106,6 +148,8 @@ def read_torch_checkpoint(path, dtype=None, config=None, allow_nonfinite: bool =
         if fam is None:
             raise CheckpointError(f"{path}: not a recognised original checkpoint "
                                   f"(first keys: {sorted(source.keys())[:5]})")
+        _check_family(config, fam, path)
+        source = transformer_tensors(source)
         config = config or fam.infer_original_config(source)
         rename = fam.original_renamer(config) if fam.original_renamer else fam.rename_original
     params = fill_params(source, fam.abstract_params(config), fam.stacks(config), rename,
@@ -144,6 +188,55 @@ def convert(src, out, dtype=None, overwrite: bool = False, config=None, allow_no
         raise FileExistsError(f"{out} already exists (--overwrite replaces it)")
     config, params = read_torch_checkpoint(src, dtype, config, allow_nonfinite)
     return ckpt.save_checkpoint(out, config, params, overwrite=overwrite)
+
+
+def _vae_prefix(source) -> str:
+    from jaxdit.convert.keymaps import vae as vae_keys
+
+    keys = source.keys()
+    for prefix in vae_keys.PREFIXES + ("",):
+        if prefix + vae_keys.MARKER in keys:
+            return prefix
+    raise CheckpointError(f"{source.path}: no autoencoder tensors (looked for "
+                          f"{[p + vae_keys.MARKER for p in vae_keys.PREFIXES + ('',)]})")
+
+
+def load_vae(path, dtype=None, config=None):
+    """(config, params) of the autoencoder in any form: a diffusers `vae/` or pipeline folder
+    (`jaxdit.vae.load_vae`), an all-in-one single file (its `first_stage_model.*` or `vae.*` tensors), or
+    BFL's `ae.safetensors` (LDM names, no prefix).
+
+    A single file does not record the group-norm count nor the latent scaling and shift: those come from
+    `config` when given (then used as it is), else from the released VAE of the family whose transformer
+    the file holds (`jaxdit.vae.FLUX_VAE` / `SD3_VAE`); a file holding only a VAE is taken as FLUX.1's, the
+    one such file released (`ae.safetensors`). The other fields are read off the tensors.
+    """
+    from jaxdit import vae
+    from jaxdit.convert.keymaps import vae as vae_keys
+
+    path = Path(path)
+    refuse_pickle(path)
+    if path.is_dir():
+        return vae.load_vae(path, dtype=dtype)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    source = TensorSource(path)
+    prefix = _vae_prefix(source)
+    if config is None:
+        fam = next((f for f in families().values() if f.is_original(source.keys())), None)
+        base = vae.SD3_VAE if fam is not None and fam.name == "sd3" else vae.FLUX_VAE
+        config = vae_keys.infer_config(source, prefix, base)
+    # Only the tensors under the VAE's prefix; unprefixed, only LDM encoder/decoder names (a bare file).
+    owned = [k for k in source.keys() if k.startswith(prefix) and (prefix or components.component_of(k) is None)]
+    levels = len(config.block_out_channels)
+
+    def rename(key, tensor):
+        return vae_keys.rename_original(key[len(prefix):], tensor, levels)
+
+    params = fill_params(KeySubset(source, owned), vae.abstract_params(config), {}, rename,
+                         dtype=None if dtype is None else jnp.dtype(dtype),
+                         progress=_progress(f"reading {path.name}", len(owned)))
+    return config, jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def as_numpy(params):

@@ -319,15 +319,21 @@ class FluxPipeline(_StepProgress):
 class FluxKontextPipeline(FluxPipeline):
     """FLUX.1 Kontext editing (diffusers `FluxKontextPipeline`): context-image tokens after the noise."""
 
+    # diffusers' `default_sample_size`: a side left None counts as 128 latent pixels (1024 at factor 8).
+    DIFFUSERS_SAMPLE_SIZE = 128
+
     def edit_sizes(self, image_size: tuple[int, int], height: int | None = None, width: int | None = None,
-                   max_area: int = 1024 ** 2, auto_resize: bool = True,
-                   context_area: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+                   max_area: int = 1024 ** 2, auto_resize: bool = True, context_area: int | None = None,
+                   keep_aspect: bool = True) -> tuple[tuple[int, int], tuple[int, int]]:
         """((context width, height), (output width, height)) of an edit of an image of `image_size` (w, h),
         known before any work. The context image is resized, with auto_resize, to the preferred Kontext
         resolution nearest its aspect (about 1024x1024, as diffusers does), scaled to `context_area`
         pixels when that is given; without auto_resize it keeps its own size. The output has the aspect
-        of width / height (default: the context's) and about `max_area` pixels. Every side is rounded
-        down to a multiple of 2 x the VAE factor."""
+        of width / height and about `max_area` pixels. A side left None is the context's with
+        `keep_aspect` (BFL's Kontext sampling: the edit keeps the image's shape), and diffusers'
+        1024 x 1024 default (`DIFFUSERS_SAMPLE_SIZE` x the VAE factor) without it, so that both None give
+        a square output whatever the image. Every side is rounded down to a multiple of 2 x the VAE
+        factor."""
         multiple = self.vae_scale_factor * 2
         w, h = image_size
         if auto_resize:
@@ -336,7 +342,8 @@ class FluxKontextPipeline(FluxPipeline):
                 scale = (context_area / (w * h)) ** 0.5
                 w, h = round(w * scale), round(h * scale)
         context = w // multiple * multiple, h // multiple * multiple
-        aspect = (width or context[0]) / (height or context[1])
+        default = context if keep_aspect else (self.DIFFUSERS_SAMPLE_SIZE * self.vae_scale_factor,) * 2
+        aspect = (width or default[0]) / (height or default[1])
         output = (round((max_area * aspect) ** 0.5) // multiple * multiple,
                   round((max_area / aspect) ** 0.5) // multiple * multiple)
         if 0 in context + output:
@@ -358,15 +365,16 @@ class FluxKontextPipeline(FluxPipeline):
                  latents: jax.Array | None = None, max_sequence_length: int | None = None,
                  num_images_per_prompt: int = 1, hooks: HooksArg = None, output_type: str = "pil",
                  progress: bool = True, max_area: int = 1024 ** 2, auto_resize: bool = True, controller=None,
-                 context_area: int | None = None, generator=None):
-        """Sizes as `edit_sizes` computes them; `generator` (diffusers' spelling) replaces `seed`."""
+                 context_area: int | None = None, generator=None, keep_aspect: bool = True):
+        """Sizes as `edit_sizes` computes them (`keep_aspect=False`: diffusers' square default when height
+        and width are None); `generator` (diffusers' spelling) replaces `seed`."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise ValueError(f"image: expected a PIL image, got {type(image).__name__}")
         key = _noise_key(seed if generator is None else generator)
         context_size, (width, height) = self.edit_sizes(image.size, height, width, max_area, auto_resize,
-                                                        context_area)
+                                                        context_area, keep_aspect)
         pixels = self.prepare_image(image, context_size)
         prompts = _prompts(prompt, num_images_per_prompt)
         grid = self._token_grid(height, width)

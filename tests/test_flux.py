@@ -13,7 +13,7 @@ from jaxdit.configs import get_config
 from jaxdit.convert import convert
 from jaxdit.convert.keymaps import flux as flux_keys
 from jaxdit.convert.tree import flatten
-from twins import flux_inputs, flux_twin, rel_err, torch_forward
+from twins import flux_inputs, flux_twin, rel_err, to_bfl, torch_forward
 
 FP32_TOL = 1e-5
 
@@ -108,54 +108,10 @@ def test_pack_unpack_latents_match_diffusers():
 
 # --- original (BFL) single-file layout --------------------------------------------------------------
 
-def _to_bfl(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """Write a diffusers FLUX state dict in the original BFL layout (fused qkv/linear1, final swap)."""
-    out = {}
-    renames = {
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-        "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
-    }
-    for k, v in sd.items():
-        mod, leaf = k.rsplit(".", 1)
-        if mod in renames:
-            out[f"{renames[mod]}.{leaf}"] = v
-    for i in range(cfg.num_layers):
-        p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for leaf in ("weight", "bias"):
-            out[q + f"img_attn.qkv.{leaf}"] = torch.cat([sd[p + f"attn.to_{x}.{leaf}"] for x in "qkv"])
-            out[q + f"txt_attn.qkv.{leaf}"] = torch.cat([sd[p + f"attn.add_{x}_proj.{leaf}"] for x in "qkv"])
-            for a, b in [("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
-                         ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-                         ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
-                         ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")]:
-                out[q + f"{b}.{leaf}"] = sd[p + f"{a}.{leaf}"]
-        for a, b in [("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
-                     ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")]:
-            out[q + f"{b}.scale"] = sd[p + f"attn.{a}.weight"]
-    for i in range(cfg.num_single_layers):
-        p, q = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for leaf in ("weight", "bias"):
-            out[q + f"linear1.{leaf}"] = torch.cat(
-                [sd[p + f"attn.to_{x}.{leaf}"] for x in "qkv"] + [sd[p + f"proj_mlp.{leaf}"]])
-            out[q + f"linear2.{leaf}"] = sd[p + f"proj_out.{leaf}"]
-            out[q + f"modulation.lin.{leaf}"] = sd[p + f"norm.linear.{leaf}"]
-        out[q + "norm.query_norm.scale"] = sd[p + "attn.norm_q.weight"]
-        out[q + "norm.key_norm.scale"] = sd[p + "attn.norm_k.weight"]
-    for leaf in ("weight", "bias"):
-        scale, shift = sd[f"norm_out.linear.{leaf}"].chunk(2)
-        out[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale])
-    return {("model.diffusion_model." + k): v.contiguous() for k, v in out.items()}
-
-
 def test_original_layout_converts_to_identical_tree(dev_folder, tmp_path):
     cfg, model, path = dev_folder
     bfl = tmp_path / "flux1-tiny.safetensors"
-    save_file(_to_bfl(model.state_dict(), cfg), bfl)
+    save_file(to_bfl(model.state_dict(), cfg), bfl)
     cfg_a, params_a = load_transformer(path)
     cfg_b, params_b = load_transformer(bfl, config=cfg)
     assert cfg_a == cfg_b
@@ -207,7 +163,7 @@ def test_infer_config_from_original_file(tmp_path):
                                           num_single_layers=2, num_attention_heads=1)
     model = flux_twin(cfg)
     path = tmp_path / "flux.safetensors"
-    save_file(_to_bfl(model.state_dict(), cfg), path)
+    save_file(to_bfl(model.state_dict(), cfg), path)
     inferred, _ = load_transformer(path)
     assert inferred == cfg
 

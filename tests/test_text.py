@@ -372,7 +372,7 @@ def test_refused_and_unsupported_folders(t5_folder, tmp_path):
 
     cfg = json.loads((path / "config.json").read_text())
     for name, change, match in (("bert", {"architectures": ["BertModel"], "model_type": "bert"}, "BertModel"),
-                                ("relu", {"feed_forward_proj": "relu"}, "gated"),
+                                ("ffn", {"feed_forward_proj": "gelu-gated"}, "gated-"),
                                 ("umt5", {"architectures": ["UMT5EncoderModel"]}, "UMT5EncoderModel")):
         folder = _copy_folder(path, tmp_path / name, lambda t: t)
         (folder / "config.json").write_text(json.dumps({**cfg, **change}))
@@ -402,4 +402,4 @@ def test_bad_token_inputs(t5_folder):
     with pytest.raises(ValueError, match="attention_mask shape"):
         jax.eval_shape(lambda p: t5.forward(p, tcfg, np.zeros((2, 4), np.int32), np.ones((2, 5), np.int32)), tparams)
     with pytest.raises(ValueError, match="hidden_act"):
-        clip.ClipTextConfig(hidden_act="swish")
+        clip.ClipTextConfig(hidden_act="prelu")

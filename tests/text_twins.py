@@ -30,13 +30,15 @@ def clip_twin(path, *, projection: bool, hidden_act: str, eos_token_id: int, voc
     return model
 
 
-def t5_twin(path, *, vocab_size: int = 64, seed: int = 0, **save_kw):
-    """A tiny T5EncoderModel (v1.1: gated-gelu, no biases) with few buckets so the log range is exercised."""
+def t5_twin(path, *, vocab_size: int = 64, seed: int = 0, feed_forward_proj: str = "gated-gelu",
+            num_layers: int = 3, **save_kw):
+    """A tiny T5EncoderModel (default v1.1: gated-gelu, no biases) with few buckets so the log range is
+    exercised."""
     import transformers as tf
 
-    config = tf.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
+    config = tf.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=num_layers, num_heads=4,
                          relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                         feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+                         feed_forward_proj=feed_forward_proj, is_encoder_decoder=False, use_cache=False)
     model = randomize_weights(tf.T5EncoderModel(config).eval(), seed)
     model.save_pretrained(path, **save_kw)
     return model

@@ -8,7 +8,7 @@ Both renames depend on the architecture, so they are built from the config:
   pre-only) block's context modulation (shift, scale) where diffusers' `AdaLayerNormContinuous` uses
   (scale, shift); which block is last needs the depth, hence the config.
 Original files may hold other components beside `model.diffusion_model.` (`first_stage_model.*` VAE,
-`text_encoders.*`); those tensors are skipped.
+`text_encoders.*`); the loader sets those tensors aside before renaming (`keymaps.components`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from jaxdit.convert.safetensors_io import CheckpointError
 
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 PREFIXES = ("model.diffusion_model.",)
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.")
+# SAI's MMDiT fixes the head size (mmditx.py: hidden = 64 * depth, heads = depth); without qk-norm weights
+# nothing else in a file says how the width splits into heads.
+SAI_HEAD_DIM = 64
 
 Rename = Callable[[str, np.ndarray], list[tuple[str, np.ndarray]]]
 
@@ -69,9 +71,7 @@ def _swap_halves(t: np.ndarray) -> np.ndarray:
 
 
 def rename_original(key: str, tensor: np.ndarray, num_layers: int) -> list[tuple[str, np.ndarray]]:
-    """One SAI tensor of a `num_layers`-block model -> the diffusers tensors it holds ([] for other parts)."""
-    if key.startswith(OTHER_COMPONENTS):
-        return []
+    """One SAI tensor of a `num_layers`-block model -> the diffusers tensors it holds."""
     for prefix in PREFIXES:
         if key.startswith(prefix):
             key = key[len(prefix):]
@@ -126,8 +126,9 @@ def original_renamer(config: SD3Config) -> Rename:
 def infer_original_config(source) -> SD3Config:
     """Read the architecture off an original-layout checkpoint's tensor names and shapes.
 
-    Without qk-norm weights the head count cannot be read off the tensors; SAI's MMDiT fixes it to the
-    depth (hidden = 64 * depth), and so does this.
+    The head size is that of the qk-norm weights (SD3.5). Without them (SD3) it cannot be read off the
+    tensors: SAI's head size of 64 is taken when the width is 64 x depth, as in every SAI model, and any
+    other width is refused rather than split into `depth` heads of a guessed size.
     """
     keys = {k[len(p):] if k.startswith(p) else k: k for k in source.keys() for p in PREFIXES + ("",)
             if k.startswith(p)}
@@ -140,15 +141,22 @@ def infer_original_config(source) -> SD3Config:
     hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")
     blocks = {int(k.split(".")[1]) for k in keys if k.startswith("joint_blocks.")}
     depth = max(blocks) + 1
-    if "joint_blocks.0.x_block.attn.ln_q.weight" in keys:
-        head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0]
-    elif hidden % depth == 0:
-        head_dim = hidden // depth
+    ln_q = "joint_blocks.0.x_block.attn.ln_q.weight"
+    if ln_q in keys:
+        head_dim = shape(ln_q)[0]
+        if hidden % head_dim:
+            raise CheckpointError(f"{source.path}: {ln_q} {shape(ln_q)} gives a head size of {head_dim}, which "
+                                  f"does not divide the width {hidden} (x_embedder.proj.weight "
+                                  f"{shape('x_embedder.proj.weight')})")
+    elif hidden == SAI_HEAD_DIM * depth:
+        head_dim = SAI_HEAD_DIM
     else:
-        raise CheckpointError(f"{source.path}: no qk-norm weights to read the head size from, and hidden size "
-                              f"{hidden} is not a multiple of the depth {depth}. "
-                              "Pass config=... to load_transformer / convert (jaxdit.convert), or convert the "
-                              "diffusers folder with its config.json.")
+        raise CheckpointError(
+            f"{source.path}: no qk-norm weights to read the head size from, and the width {hidden} "
+            f"(x_embedder.proj.weight {shape('x_embedder.proj.weight')}) is not {SAI_HEAD_DIM} x depth "
+            f"{depth} = {SAI_HEAD_DIM * depth} as in SAI's models, so the heads are unknown; pass config= (an "
+            "SD3Config with num_attention_heads and attention_head_dim) to load_transformer / convert, or "
+            "convert the diffusers folder with its config.json")
     table = shape("pos_embed")[1]
     max_size = int(round(table ** 0.5))
     if max_size * max_size != table:

@@ -22,14 +22,42 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-# transformers ACT2FN names -> functions. Explicit `approximate` everywhere: flax's gelu defaults to tanh.
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)
+
+
+def _laplace(x: jax.Array, mu: float = 0.707107, sigma: float = 0.282095) -> jax.Array:
+    """transformers' `LaplaceActivation` (MEGA): the normal CDF at (x - mu) / sigma."""
+    return 0.5 * (1.0 + jax.scipy.special.erf((x - mu) / (sigma * 2.0 ** 0.5)))
+
+
+# transformers ACT2FN names -> functions: every parameter-free entry, so any `hidden_act` (CLIP) or
+# `feed_forward_proj` (T5) that transformers accepts runs here ("prelu" and "xielu" carry learned
+# parameters and are refused). Explicit `approximate` everywhere: flax's gelu defaults to tanh. The tanh
+# GELU variants (gelu_new, gelu_fast, gelu_accurate, ...) differ only in how their constants round.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": quick_gelu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": _gelu_erf,
+    "gelu_python": _gelu_erf,
+    "gelu_10": lambda x: jnp.clip(_gelu_erf(x), -10.0, 10.0),
     "gelu_new": gelu_tanh,
     "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_python_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu_accurate": gelu_tanh,
     "relu": nn.relu,
+    "relu2": lambda x: jnp.square(nn.relu(x)),
+    "relu6": nn.relu6,
+    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),  # torch's default slope
     "silu": nn.silu,
+    "swish": nn.silu,
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+    "hardswish": nn.hard_swish,
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "linear": lambda x: x,
+    "laplace": _laplace,
+    "sqrtsoftplus": lambda x: jnp.sqrt(nn.softplus(x)),
 }
 
 

@@ -18,7 +18,7 @@ STACKS = ("layers", "block")  # CLIP encoder layers, T5 blocks
 
 # Linear layers whose output axis is split (column-parallel) ...
 _COLUMN = {"q_proj": "heads", "k_proj": "heads", "v_proj": "heads", "fc1": "mlp",  # CLIP
-           "q": "heads", "k": "heads", "v": "heads", "wi_0": "mlp", "wi_1": "mlp"}  # T5
+           "q": "heads", "k": "heads", "v": "heads", "wi": "mlp", "wi_0": "mlp", "wi_1": "mlp"}  # T5
 # ... and those whose input axis is (row-parallel).
 _ROW = {"out_proj": "heads", "fc2": "mlp", "o": "heads", "wo": "mlp"}
 _EMBEDDINGS = ("token_embedding", "position_embedding", "shared")  # [rows, width]: width over fsdp

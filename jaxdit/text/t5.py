@@ -1,9 +1,10 @@
-"""T5 v1.1 encoder (T5-XXL for FLUX and SD3) as Flax linen modules applied functionally.
+"""T5 encoder (T5 v1.1-XXL for FLUX and SD3, and T5 v1.0) as Flax linen modules applied functionally.
 
 Matches transformers `T5EncoderModel`. The traps other ports fell into (the reference notes on the models, section 8):
 no 1/sqrt(d_kv) scaling of the scores; one relative-position bias, owned by block 0 and reused by every
-layer; `T5LayerNorm` is an RMS norm (no mean, no bias) with float32 statistics, eps 1e-6; the FFN is
-gated with `gelu_new` (tanh GELU).
+layer; `T5LayerNorm` is an RMS norm (no mean, no bias) with float32 statistics, eps 1e-6. The FFN is
+T5Config's `feed_forward_proj`: gated `act(wi_0 x) * wi_1 x` ("gated-gelu" of v1.1, with `gelu_new`, the
+tanh GELU) or plain `act(wi x)` ("relu" of v1.0), for any activation of `text.common.ACTIVATIONS`.
 
 Parameter paths mirror the transformers names with the `encoder.` prefix dropped, so the block list is
 the first path component and is stacked under `nn.scan`:
@@ -14,7 +15,7 @@ the first path component and is stacked under `nn.scan`:
     block/layer/0/layer_norm/scale                    [L, d_model]
     block/layer/0/SelfAttention/{q,k,v,o}/kernel      [L, ...]
     block/layer/1/layer_norm/scale
-    block/layer/1/DenseReluDense/{wi_0,wi_1,wo}/kernel
+    block/layer/1/DenseReluDense/{wi_0,wi_1,wo}/kernel  (plain FFN: {wi,wo})
     final_layer_norm/scale
 
     last_hidden_state = forward(params, config, input_ids, attention_mask=None)   # [B, T, d_model]
@@ -53,6 +54,7 @@ class T5EncoderConfig:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     dense_act_fn: str = "gelu_new"
+    is_gated_act: bool = True
     # Not architecture: how the program runs.
     dtype: str = "float32"  # compute dtype of activations and matmuls (norms and softmax stay float32)
 
@@ -72,20 +74,19 @@ class T5EncoderConfig:
 
     @classmethod
     def from_transformers(cls, cfg: dict[str, Any], **overrides) -> "T5EncoderConfig":
-        """From a transformers T5 `config.json` dict.
+        """From a transformers T5 `config.json` dict, the FFN derived as `T5Config` derives it.
 
-        The activation follows `feed_forward_proj` the way `T5Config` derives it ("gated-gelu" means
-        gated `gelu_new`); only the gated FFN of T5 v1.1 is implemented.
+        `feed_forward_proj` (default "relu") is "{act}" or "gated-{act}"; "gated-gelu" means gated
+        `gelu_new`. Files written by transformers also store the derived `dense_act_fn` and `is_gated_act`,
+        which T5Config lets win over `feed_forward_proj`, and so does this.
         """
         proj = cfg.get("feed_forward_proj", "relu")
         if not isinstance(proj, str):
             raise ValueError(f"field 'feed_forward_proj' is {proj!r}, expected a string")
-        act = proj.split("-")[-1]
-        if proj == "gated-gelu":
-            act = "gelu_new"
-        if not proj.startswith("gated-"):
-            raise ValueError(f"T5 feed_forward_proj={proj!r}: only the gated FFN of T5 v1.1 ('gated-gelu', "
-                             "'gated-silu', ...) is implemented")
+        parts = proj.split("-")
+        if (len(parts) > 1 and parts[0] != "gated") or len(parts) > 2:
+            raise ValueError(f"T5 feed_forward_proj={proj!r}: expected '{{act}}' or 'gated-{{act}}' "
+                             "(e.g. 'relu', 'gated-gelu')")
         if cfg.get("is_decoder", False):
             raise ValueError("T5 config has is_decoder=true; only the encoder is supported")
         missing = [k for k in _REQUIRED if k not in cfg]
@@ -93,10 +94,10 @@ class T5EncoderConfig:
             raise ValueError(f"T5 config lacks {missing}")
         # Older configs (the original t5-v1_1 ones) predate relative_attention_max_distance: the
         # dataclass defaults are transformers' T5Config defaults for these.
-        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in ("dense_act_fn", "dtype")
-                  and f.name in cfg}
+        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name != "dtype" and f.name in cfg}
         check_field_types(cls, fields)
-        fields["dense_act_fn"] = act
+        fields.setdefault("dense_act_fn", "gelu_new" if proj == "gated-gelu" else parts[-1])
+        fields.setdefault("is_gated_act", parts[0] == "gated")
         fields.update(overrides)
         return cls(**fields)
 
@@ -151,7 +152,21 @@ class T5LayerSelfAttention(nn.Module):
         return x + T5Attention(self.config, name="SelfAttention")(h, position_bias, mask)
 
 
+class T5DenseActDense(nn.Module):
+    """T5 v1.0's FFN: wo(act(wi x))."""
+
+    config: T5EncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dt = self.config, jnp.dtype(self.config.dtype)
+        h = activation(cfg.dense_act_fn, "T5")(dense(cfg.d_ff, "wi", dt, use_bias=False)(x))
+        return dense(cfg.d_model, "wo", dt, use_bias=False)(h)
+
+
 class T5DenseGatedActDense(nn.Module):
+    """T5 v1.1's FFN: wo(act(wi_0 x) * wi_1 x)."""
+
     config: T5EncoderConfig
 
     @nn.compact
@@ -167,7 +182,8 @@ class T5LayerFF(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = RMSNorm(self.config.layer_norm_epsilon, name="layer_norm")(x)
-        return x + T5DenseGatedActDense(self.config, name="DenseReluDense")(h)
+        ffn = T5DenseGatedActDense if self.config.is_gated_act else T5DenseActDense
+        return x + ffn(self.config, name="DenseReluDense")(h)
 
 
 class T5LayerList(nn.Module):
