@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jaxdit import hooks as hk
 from jaxdit.attention import joint_attention
 from jaxdit.safety.uvr import localize as loc
-from jaxdit.safety.uvr.regulate import RegulateConfig, UVRController, context_restriction, noise_replacement
+from jaxdit.safety.uvr.regulate import (RegulateConfig, UVRController, context_restriction, noise_replacement,
+                                        text_restriction)
 
 N_TXT, GRID, N_CTX = 3, (2, 3), 6
 
@@ -54,6 +55,39 @@ def test_restriction_equals_reference_scaling(backend):
     plain = joint_attention(q, k, v, None, backend)
     np.testing.assert_allclose(np.asarray(joint_attention(q, k, v, hk.combine_masks([(off, jnp.bool_(True))]),
                                                           backend)), np.asarray(plain), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "dot_product"])
+def test_text_restriction_equals_explicit_scaling(backend):
+    """Text-to-image: the weights of core / ring generated queries on the text keys scaled in place,
+    nothing else touched, no renormalisation; images with empty masks unchanged."""
+    n_gen = GRID[0] * GRID[1]
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, N_TXT + n_gen, 2, 8)).astype(np.float32) for _ in range(3))
+    core = np.zeros((2, n_gen), bool)
+    core[0, [1, 4]] = True
+    ring = np.zeros_like(core)
+    ring[0, [0, 2, 5]] = True
+    cfg = RegulateConfig(core_scale=0.1, ring_scale=0.3)
+    mask = text_restriction(hk.TokenLayout(N_TXT, n_gen, 0), jnp.asarray(core), jnp.asarray(ring), cfg)
+    out = np.asarray(joint_attention(q, k, v, hk.combine_masks([(mask, jnp.bool_(True))]), backend))
+    qq, kk, vv = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", qq, kk) / np.sqrt(8)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    for j in np.flatnonzero(core[0]):
+        p[0, :, N_TXT + j, :N_TXT] *= 0.1
+    for j in np.flatnonzero(ring[0]):
+        p[0, :, N_TXT + j, :N_TXT] *= 0.3
+    ref = np.einsum("bhqk,bkhd->bqhd", p, vv)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+    assert np.abs(out[0] - np.asarray(joint_attention(q, k, v, None, backend))[0]).max() > 1e-3
+
+
+def test_t2i_regulation_is_validated():
+    with pytest.raises(ValueError, match="RegulateConfig.t2i='mask'"):
+        RegulateConfig(t2i="mask")
+    assert RegulateConfig.reference().t2i == "noise"
 
 
 def test_renormalised_variant_is_a_different_method():
@@ -115,24 +149,25 @@ def _sampler(tiny_pipes, mode):
                              controller=c, **kw)
 
 
-def _controller(mode, threshold, heads=2, dh=16):
+def _controller(mode, threshold, heads=2, dh=16, t2i="noise"):
     anchors = jnp.ones((heads, 3, dh))
     cfg = loc.LocalizeConfig(threshold=threshold, min_area=1, keep_mode="mass_ratio", mass_ratio=1.0)
     # single-stream block 1 of the tiny model stands for FLUX's block 10
     # window_t 0: every step of the 4-step test schedule is in the start-up window
-    regulate = RegulateConfig(localize_at="single.1.img.attn_heads", window_t=0.0)
+    regulate = RegulateConfig(localize_at="single.1.img.attn_heads", window_t=0.0, t2i=t2i)
     return UVRController(anchors, jax.random.key(0), mode, cfg, regulate)
 
 
-@pytest.mark.parametrize("mode", ["t2i", "edit"])
-def test_controller_in_the_sampling_loop(tiny_pipes, mode):
+@pytest.mark.parametrize("mode,t2i", [("t2i", "noise"), ("t2i", "restrict"), ("t2i", "restrict+noise"),
+                                      ("edit", "noise")])
+def test_controller_in_the_sampling_loop(tiny_pipes, mode, t2i):
     run = _sampler(tiny_pipes, mode)
     plain = np.asarray(run(None))
-    never = np.asarray(run(_controller(mode, threshold=1e9)))  # nothing localized: no restriction
-    always = np.asarray(run(_controller(mode, threshold=-1e9)))  # every patch unsafe
+    never = np.asarray(run(_controller(mode, threshold=1e9, t2i=t2i)))  # nothing localized: no restriction
+    always = np.asarray(run(_controller(mode, threshold=-1e9, t2i=t2i)))  # every patch unsafe
     np.testing.assert_allclose(never, plain, atol=1e-5)  # empty masks: no restriction, no amplification
     assert np.abs(always - plain).max() > 1e-2 and np.abs(always - never).max() > 1e-2
-    np.testing.assert_array_equal(np.asarray(run(_controller(mode, threshold=-1e9))), always)  # deterministic
+    np.testing.assert_array_equal(np.asarray(run(_controller(mode, threshold=-1e9, t2i=t2i))), always)
 
 
 @pytest.mark.parametrize("mode", ["t2i", "edit"])

@@ -8,7 +8,12 @@ The unified modulation (uvr.md section 5) as pure functions returning `jaxdit.ho
   per query group). With `renormalise=True` it becomes the additive bias log(scale) before the softmax:
   a *different* method (the output is divided by r = sum_k s_k p_k per query), offered as an option.
 - `noise_replacement`: for text-to-image, the unsafe generated rows of every block's per-head attention
-  output become 0.001 x + 0.999 N(0, 1) (an `edit`; it cannot be written as an attention bias).
+  output become 0.001 x + 0.999 N(0, 1) (an `edit`; it cannot be written as an attention bias). This is
+  the reference code's text-to-image regulation.
+- `text_restriction`: for text-to-image, the same post-softmax scaling as `context_restriction`, on the
+  flow from the *text* keys into the unsafe generated patches (core x`core_scale`, ring x`ring_scale`):
+  the restriction of the editing mode applied to the flow that carries the concept in generation, so both
+  modes are one attention transformation. `RegulateConfig.t2i` chooses "noise", "restrict" or both.
 
 `UVRController` runs the method inside the compiled sampling loop: at each step it captures the per-head
 attention output at the localization block (default single-stream block 10), scores it against the
@@ -38,6 +43,9 @@ from jaxdit.safety.uvr import localize as loc
 
 # Token groups of the restriction (context labels: 0 other, 1 core, 2 ring).
 TEXT, GEN, CTX, CTX_CORE, CTX_RING = range(5)
+# Token groups of the text-to-image restriction (generated labels: 0 other, 1 core, 2 ring; no context).
+GEN_CORE, GEN_RING = 2, 3
+T2I_REGULATIONS = ("noise", "restrict", "restrict+noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +58,23 @@ class RegulateConfig:
     window_t: float = 850.0  # start-up window: scheduler timestep (sigma * 1000) >= window_t
     blocks: str = "*"  # which blocks are modulated: "*", "double.*", "single.10", ...
     localize_at: str = "single.10.img.attn_heads"
+    t2i: str = "noise"  # text-to-image regulation: "noise", "restrict" (text_restriction) or "restrict+noise"
     # Reference timing rules (all off: jaxdit's default). See `reference()`.
     amplify_first_step: bool = False  # editing: x1.05 at timestep 1000 even when no mask exists yet
     max_noise_patches: int | None = None  # text-to-image: noise on the first n masked patches (raster order)
     relocalize_above: bool = False  # text-to-image: re-localize while floor(t) > window_t, not t >= window_t
     bf16_timestep: bool = False  # test the timestep as the reference's bfloat16 transformer sees it
 
+    def __post_init__(self):
+        if self.t2i not in T2I_REGULATIONS:
+            raise ValueError(f"RegulateConfig.t2i={self.t2i!r}: expected one of {list(T2I_REGULATIONS)}")
+
     @classmethod
     def reference(cls, **overrides) -> "RegulateConfig":
         """The public reference code's timing rules, for both modes; `overrides` replace fields (e.g.
         `localize_at` on a smaller model)."""
-        base = cls(amplify_first_step=True, max_noise_patches=2000, relocalize_above=True, bf16_timestep=True)
+        base = cls(amplify_first_step=True, max_noise_patches=2000, relocalize_above=True, bf16_timestep=True,
+                   t2i="noise")
         return dataclasses.replace(base, **overrides)
 
     def timestep(self, t: jax.Array) -> jax.Array:
@@ -133,6 +147,23 @@ def context_restriction(layout: hk.TokenLayout, core_ctx: jax.Array, ring_ctx: j
     return hk.AttentionMask(groups, scale=scale, layers=config.blocks)
 
 
+def text_restriction(layout: hk.TokenLayout, core_gen: jax.Array, ring_gen: jax.Array,
+                     config: RegulateConfig = RegulateConfig(), active=True) -> hk.AttentionMask:
+    """AttentionMask restricting the flow from the text into unsafe generated patches (core/ring:
+    [B, n_img] bool): their post-softmax weights on text keys x core_scale / x ring_scale, not
+    renormalised (with `config.renormalise`, the additive bias log(scale) instead). Images with empty
+    masks, and every step outside the window (`active`, a traced bool), are left exactly as they are."""
+    labels = jnp.where(core_gen, 1, jnp.where(ring_gen, 2, 0)).astype(jnp.int32)
+    groups = hk.token_groups(layout, img_labels=labels, num_img_labels=3)
+    s = np.ones((5, 5), np.float32)
+    s[GEN_CORE, TEXT], s[GEN_RING, TEXT] = config.core_scale, config.ring_scale
+    on = jnp.logical_and(active, jnp.any(core_gen | ring_gen, axis=-1))[:, None, None, None]
+    scale = jnp.where(on, jnp.asarray(s), 1.0)
+    if config.renormalise:
+        return hk.AttentionMask(groups, bias=jnp.log(scale), layers=config.blocks)
+    return hk.AttentionMask(groups, scale=scale, layers=config.blocks)
+
+
 def _noise_rows(params, x, ctx: hk.HookContext):
     """Replace the masked generated rows of a per-head attention output [B, T_img, H, D] with noise."""
     n = ctx.layout.n_img  # generated rows first; context rows (Kontext) untouched
@@ -181,9 +212,14 @@ class UVRController:
         active = reg.in_window(t)
         b = state["core"].shape[0]
         if self.mode == "t2i":
-            rows = first_patches(state["core"].reshape(b, -1), reg.max_noise_patches)
-            edits = noise_replacement(rows, reg, active, geometry.stacks)
-            return hk.Hooks(capture=(reg.localize_at,), edits=edits, rng=self.rng)
+            core, ring = state["core"].reshape(b, -1), state["ring"].reshape(b, -1)
+            edits, attention = (), ()
+            if "noise" in reg.t2i:
+                edits = noise_replacement(first_patches(core, reg.max_noise_patches), reg, active, geometry.stacks)
+            if "restrict" in reg.t2i:
+                attention = (text_restriction(geometry.layout, core, ring, reg, active),)
+            return hk.Hooks(capture=(reg.localize_at,), edits=edits, attention=attention,
+                            rng=self.rng if edits else None)
         ch, cw = geometry.ctx_grid
         core = loc.resize_mask(state["core"], ch, cw).reshape(b, -1)
         ring = loc.resize_mask(state["ring"], ch, cw).reshape(b, -1)
