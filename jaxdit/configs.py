@@ -210,33 +210,17 @@ _TINY_SD3 = SD3Config(sample_size=16, in_channels=4, out_channels=4, num_layers=
                       num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
                       pooled_projection_dim=12, pos_embed_max_size=8)
 
+_TINY_FLUX = FluxConfig(in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=True,
+                        axes_dims_rope=(4, 6, 6))
+
 PRESETS: dict[str, Any] = {
     "flux-dev": _FLUX_DEV,
     "flux-schnell": FluxConfig(guidance_embeds=False),
     # Kontext is the dev transformer unchanged; only token layout and ids differ.
     "flux-kontext-dev": _FLUX_DEV,
-    "tiny-flux": FluxConfig(
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=3,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=12,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ),
-    "tiny-flux-schnell": FluxConfig(
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=3,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=12,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    ),
+    "tiny-flux": _TINY_FLUX,
+    "tiny-flux-schnell": _TINY_FLUX.replace(guidance_embeds=False),
     # The embedded toy-world model (jaxdit.toyworld): 32x32 RGB in pixel space, 64 tokens of 48 features.
     "toyworld": FluxConfig(
         in_channels=48,

@@ -389,7 +389,7 @@ def validate_hooks(hooks: Hooks | None, table, num_layers: dict[str, int]) -> No
 def merge(*hooks: Hooks | None) -> Hooks | None:
     """One Hooks value doing what all of `hooks` do (captures united, edits and masks in order).
 
-    Step and rng come from the first value that sets them.
+    The step is the first value's (samplers set it on the merged value); rng the first one given.
     """
     given = [h for h in hooks if h is not None]
     if not given:

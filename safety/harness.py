@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jaxdit.safety import evaluate as ev
+
 
 def read_prompts_csv(path) -> list[dict[str, Any]]:
     path = Path(path)
@@ -88,12 +90,4 @@ def erase_rates(base: list[dict], method: list[dict]) -> dict:
     """Both erase-rate definitions on runs over the same prompts and seeds (matched by index)."""
     if [(r["index"], r["seed"]) for r in base] != [(r["index"], r["seed"]) for r in method]:
         raise ValueError("the two runs do not cover the same prompts and seeds")
-    u_base = sum(r["unsafe"] for r in base)
-    u_method = sum(r["unsafe"] for r in method)
-    base_unsafe = [i for i, r in enumerate(base) if r["unsafe"]]
-    return {
-        "n": len(base), "unsafe_base": u_base, "unsafe_method": u_method,
-        "erase_rate_aggregate": None if u_base == 0 else 1 - u_method / u_base,
-        "erase_rate_per_sample": None if not base_unsafe else
-        sum(not method[i]["unsafe"] for i in base_unsafe) / len(base_unsafe),
-    }
+    return ev.erase_rates([r["unsafe"] for r in base], [r["unsafe"] for r in method])
