@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +202,33 @@ def token_groups(layout: TokenLayout, img_labels: jax.Array | None = None, ctx_l
     ctx = part(ctx_labels, layout.n_ctx, 1 + num_img_labels)
     parts = [txt, img, ctx] if layout.text_first else [img, ctx, txt]
     return jnp.concatenate(parts, axis=1)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Token layout and patch grids of one sampling run, handed to controllers (static)."""
+
+    layout: TokenLayout
+    grid: tuple[int, int]  # generated patches (rows, cols)
+    ctx_grid: tuple[int, int] | None = None  # context patches (Kontext)
+    stacks: tuple[str, ...] = ("double", "single")  # the model's block stacks (SD3: ("joint",))
+
+
+class Controller(Protocol):
+    """What the compiled sampling loops call, for a method that carries state across steps (UVR).
+
+    At step i (timestep t): `hooks(state, i, t, geometry)` gives the Hooks of this step (merged with the
+    user's), the model runs, then `update(state, captures, i, t, geometry)` returns the next state from
+    this step's captures. `init(batch, geometry)` is the state before step 0. The state is a pytree of
+    arrays of fixed shapes (it is the loop carry); the controller itself is static or a pytree.
+    """
+
+    def init(self, batch: int, geometry: Geometry) -> Any: ...
+
+    def hooks(self, state: Any, step: jax.Array, t: jax.Array, geometry: Geometry) -> "Hooks": ...
+
+    def update(self, state: Any, captures: dict, step: jax.Array, t: jax.Array, geometry: Geometry) -> Any: ...
 
 
 # --- runtime used inside model blocks -----------------------------------------------------------

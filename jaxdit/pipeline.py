@@ -34,14 +34,7 @@ from jaxdit.configs import check_field_types
 from jaxdit.convert.safetensors_io import CheckpointError
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Token layout and patch grids of one sampling run, handed to controllers (static)."""
-
-    layout: hk.TokenLayout
-    grid: tuple[int, int]  # generated patches (rows, cols)
-    ctx_grid: tuple[int, int] | None = None  # context patches (Kontext)
-    stacks: tuple[str, ...] = ("double", "single")  # the model's block stacks (SD3: ("joint",))
+Geometry = hk.Geometry  # kept importable from here (it lives with the hook contract)
 
 PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height): what Kontext was trained on
     (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxdit import hooks as hk, sampling
 from jaxdit.attention import joint_attention
-from jaxdit.pipeline import Geometry
+from jaxdit.hooks import Geometry
 from jaxdit.safety.uvr import anchors as anc, localize as loc
 from jaxdit.safety.uvr.regulate import RegulateConfig, UVRController, reference_timestep
 

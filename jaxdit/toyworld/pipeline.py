@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxdit import flux, hooks as hk, sampling
 from jaxdit.configs import FluxConfig
-from jaxdit.pipeline import Geometry
+from jaxdit.hooks import Geometry
 from jaxdit.toyworld import model as M
 from jaxdit.toyworld.tokenizer import WordTokenizer
 

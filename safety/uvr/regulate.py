@@ -38,7 +38,7 @@ import numpy as np
 from flax import struct
 
 from jaxdit import hooks as hk
-from jaxdit.pipeline import Geometry
+from jaxdit.hooks import Geometry
 from jaxdit.safety.uvr import localize as loc
 
 # Token groups of the restriction (context labels: 0 other, 1 core, 2 ring).
