@@ -87,15 +87,15 @@ def test_stream_is_a_seeded_permutation_per_epoch_and_resumes_exactly(tmp_path):
     assert sum((_ids(BatchStream(store, 6, seed=4, window=2).next()) for _ in range(1)), []) != rows[:6]
 
 
-def test_stream_splits_chunks_between_processes(tmp_path):
+def test_stream_splits_chunks_between_parts(tmp_path):
     store = _store(tmp_path / "s")
     seen = []
     for p in range(2):
-        stream = BatchStream(store, 4, seed=0, process_index=p, process_count=2)
+        stream = BatchStream(store, 4, seed=0, part=p, parts=2)
         seen.append(set(_ids(stream.take(stream.epoch_rows)[0])))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(24))
     with pytest.raises(StoreError, match="has 4 chunk"):
-        BatchStream(store, 4, process_index=5, process_count=6)
+        BatchStream(store, 4, part=5, parts=6)
 
 
 def test_npy_source_pieces(tmp_path):

@@ -7,6 +7,10 @@
     jaxdit sae harvest --model PIPELINE_DIR --prompts FILE --positions POS... --steps S... --out DIR
     jaxdit sae harvest --model CKPT --conditioning EMB.safetensors --positions POS... --steps S... --out DIR
 
+`train` and `harvest` run on several processes (hosts) when given --coordinator HOST:PORT --num-processes N
+--process-id I, or --distributed under SLURM, Open MPI or on a Cloud TPU pod (`jaxdit.distributed`):
+every process runs the same command line except for its --process-id.
+
 Bad input raises ValueError / FileNotFoundError / FileExistsError with one line naming the problem; the
 `jaxdit` main turns those into a one-line message and exit status 2.
 """
@@ -17,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from jaxdit import distributed
 from jaxdit.cli import (finite_float, fraction, fraction_below_one, non_negative_float, non_negative_int,
                         positive_float, positive_int, read_text, seed_int)
 
@@ -30,6 +35,32 @@ def _mesh(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"expected three device counts data,fsdp,tensor (e.g. 2,1,4; -1: the "
                                          f"rest), got {text!r}")
     return sizes
+
+
+def _across_processes(command):
+    """`command(args)` after joining the processes the flags name (before any other work, so that a bad
+    flag is refused at once and JAX is first used after `jax.distributed.initialize`). A collective
+    that fails mid-run (another process died) becomes one line naming this process."""
+    def run(args) -> int:
+        distributed.initialize(args)
+        import jax
+
+        try:
+            return command(args)
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            raise distributed.DistributedError(f"{distributed.describe()} stopped: {distributed.first_line(e)} "
+                                               "(has another process failed? see its output)") from None
+
+    return run
+
+
+def _lead() -> bool:
+    """Whether this is the process that reports (process 0)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _train(args) -> int:
@@ -49,12 +80,14 @@ def _train(args) -> int:
                           sparsity_coeff=args.sparsity_coeff)
     tc = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                              decay=args.decay, decay_start=args.decay_start, b1=args.b1, loss=loss, seed=args.seed,
-                             b_dec_init=args.b_dec_init, shuffle_window=args.shuffle_window)
+                             b_dec_init=args.b_dec_init, shuffle_window=args.shuffle_window,
+                             data_streams=args.data_streams)
     opts = trainer.RunOptions(mesh=args.mesh, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                               progress=not args.no_progress)
     cfg, _ = trainer.train(args.data, args.out, cfg, tc, opts, resume=args.resume)
-    print(f"wrote {Path(args.out) / 'sae'} ({cfg.arch}, d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
-          f"input_scale={cfg.input_scale:g})")
+    if _lead():
+        print(f"wrote {Path(args.out) / 'sae'} ({cfg.arch}, d_in={cfg.d_in}, n_latents={cfg.n_latents}, "
+              f"input_scale={cfg.input_scale:g})")
     return 0
 
 
@@ -70,6 +103,16 @@ def _import(args) -> int:
 
     print(f"wrote {import_sae(args.src, args.out, args.format, overwrite=args.overwrite)}")
     return 0
+
+
+def _local_mesh():
+    """A mesh of this process's first device when there are several processes (None: the default device):
+    each process of a harvest holds the whole model and runs its own batches."""
+    import jax
+
+    from jaxdit.sharding import make_mesh
+
+    return make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if jax.process_count() > 1 else None
 
 
 def _read_prompts(path) -> list[str]:
@@ -112,13 +155,12 @@ def _pipeline_conditioning(args):
         sigmas, timesteps = sampling.flux_schedule(pipe.scheduler, args.num_steps, model.latent_shape[0])
         encode = lambda batch: pipe.encode_prompt(batch, pipe.default_max_sequence_length)  # noqa: E731
 
-    def batches():
-        for i in range(0, len(prompts), args.batch_size):
-            embeds, pooled = encode(prompts[i:i + args.batch_size])
-            yield {"encoder_hidden_states": jnp.asarray(embeds, jnp.float32),
-                   "pooled_projections": jnp.asarray(pooled, jnp.float32)}
+    def make(start: int, stop: int):  # only for this process's batches: its share of the prompts
+        embeds, pooled = encode(prompts[start:stop])
+        return {"encoder_hidden_states": jnp.asarray(embeds, jnp.float32),
+                "pooled_projections": jnp.asarray(pooled, jnp.float32)}
 
-    return model, (sigmas, timesteps), batches(), prompts
+    return model, (sigmas, timesteps), hv.Batches.split(len(prompts), args.batch_size, make), prompts
 
 
 def _file_conditioning(args):
@@ -140,7 +182,7 @@ def _file_conditioning(args):
     prompts = _read_prompts(args.prompts) if args.prompts else None
     if prompts is not None and len(prompts) != total:
         raise ValueError(f"--prompts {args.prompts}: {len(prompts)} prompts for {total} conditioning rows")
-    config, params = load_transformer(args.model)
+    config, params = load_transformer(args.model, mesh=_local_mesh())
     name = args.model_name or Path(args.model).name
     if config.family == "flux":
         model = hv.flux_model(params, config, name=name, height=args.height, width=args.width, guidance=args.guidance)
@@ -149,8 +191,8 @@ def _file_conditioning(args):
     else:
         model = hv.sd3_model(params, config, name=name, height=args.height, width=args.width)
         schedule = sampling.flow_match_schedule(sampling.SD3_SCHEDULER, args.num_steps)
-    batches = ({k: jnp.asarray(v[i:i + args.batch_size]) for k, v in emb.items()
-                if k in ("encoder_hidden_states", "pooled_projections")} for i in range(0, total, args.batch_size))
+    batches = hv.Batches.split(total, args.batch_size, lambda start, stop: {
+        k: jnp.asarray(emb[k][start:stop]) for k in ("encoder_hidden_states", "pooled_projections")})
     return model, schedule, batches, prompts
 
 
@@ -171,9 +213,32 @@ def _harvest(args) -> int:
         model, (sigmas, timesteps), batches, prompts = _file_conditioning(args)
     stores = hv.harvest(model, batches, args.positions, args.steps, sigmas=sigmas, timesteps=timesteps, out=args.out,
                         seed=args.seed, dtype=args.dtype, prompts=prompts)
-    for position, store in stores.items():
-        print(f"{store.path}: {store.count} rows of width {store.d} ({position})")
+    import jax
+
+    if jax.process_count() > 1:
+        mine = hv.process_batches(len(batches))
+        print(f"{distributed.describe()}: batches {', '.join(map(str, mine)) or 'none'} (prompt rows "
+              f"{', '.join(f'{a}..{b}' for a, b in (batches.bounds[i] for i in mine)) or 'none'})")
+    if _lead():
+        for position, store in stores.items():
+            print(f"{store.path}: {store.count} rows of width {store.d} ({position})")
     return 0
+
+
+def _add_distributed_options(parser) -> None:
+    g = parser.add_argument_group("several processes (hosts)", "Every process runs the same command, each "
+                                  "with its own --process-id; see docs/sae-at-scale.md.")
+    g.add_argument("--coordinator", type=distributed.coordinator_address, metavar="HOST:PORT",
+                   help="address of process 0, which listens on PORT (default: the environment's)")
+    g.add_argument("--num-processes", type=positive_int, help="number of processes (default: the environment's)")
+    g.add_argument("--process-id", type=non_negative_int, help="this process's index, 0 .. N-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the processes the environment describes (SLURM, Open MPI, Cloud TPU pod, "
+                        "JAX_COORDINATOR_ADDRESS); implied by the flags above")
+    g.add_argument("--heartbeat-timeout", type=positive_int, default=100, metavar="SECONDS",
+                   help="a process silent this long counts as dead and the others stop with an error")
+    g.add_argument("--init-timeout", type=positive_int, default=300, metavar="SECONDS",
+                   help="how long to wait for every process to join")
 
 
 def register(subparsers) -> None:
@@ -221,7 +286,12 @@ def register(subparsers) -> None:
     t.add_argument("--checkpoint-every", type=positive_int, default=1000)
     t.add_argument("--resume", action="store_true", help="continue the run in OUT from its newest checkpoint")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(fn=_train)
+    t.add_argument("--data-streams", type=positive_int,
+                   help="the batch is this many slices, each from its own share of the data chunks; the same "
+                        "number gives the same batches on any number of processes (default: the number of "
+                        "processes; with --resume, the run's)")
+    _add_distributed_options(t)
+    t.set_defaults(fn=_across_processes(_train))
 
     e = sub.add_parser("export", help="convert a jaxdit SAE to the SAELens or sparsify layout")
     e.add_argument("--format", choices=FORMATS, required=True)
@@ -256,4 +326,5 @@ def register(subparsers) -> None:
     h.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="store dtype")
     h.add_argument("--model-name", help="recorded in the stores (default: the model path's name)")
     h.add_argument("--out", required=True, help="directory receiving one store per position")
-    h.set_defaults(fn=_harvest)
+    _add_distributed_options(h)
+    h.set_defaults(fn=_across_processes(_harvest))

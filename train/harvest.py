@@ -9,14 +9,20 @@ The model is any `HarvestModel`: a per-sample latent shape and a pure function
 model's `forward` with `Hooks(capture=...)`). `flux_model` and `sd3_model` wrap the jaxdit transformers;
 anything else (classifier-free guidance, Kontext context tokens) is another `apply`.
 
-`conditioning` yields one batch at a time, a pytree of arrays with a leading batch axis (for the wrappers
-here: {"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}, from whatever text encoders
-the caller runs). Batch i starts from Gaussian noise drawn from (seed, i), runs Euler steps with the
-given schedule up to the last requested step (all of them in one `lax.scan`), and at each requested
-step keeps the captured positions. Each position's rows [steps * B * tokens, width] (ordered step,
-prompt, token; per-head sites flattened to heads * head_dim) are appended to its store as one chunk
-recording the batch index, prompt range and steps. Interrupted harvests resume: a batch already in a
-store is not appended again, and a rerun draws the same noise.
+`conditioning` is a list of batches, or `Batches` that makes each batch when it is needed: a pytree of
+arrays with a leading batch axis (for the wrappers here: {"encoder_hidden_states": [B, L, D],
+"pooled_projections": [B, P]}, from whatever text encoders the caller runs). Batch i starts from
+Gaussian noise drawn from (seed, i), runs Euler steps with the given schedule up to the last requested
+step (all of them in one `lax.scan`), and at each requested step keeps the captured positions. Each
+position's rows [steps * B * tokens, width] (ordered step, prompt, token; per-head sites flattened to
+heads * head_dim) are appended to its store as one chunk recording the batch index, prompt range and
+steps. Interrupted harvests resume: a batch already in a store is not appended again, and a rerun draws
+the same noise.
+
+Several processes (`jaxdit.distributed`) harvest into one set of stores: batch i belongs to process
+i % process_count, which makes it (so encodes only its share of the prompts), runs it on its own
+devices and writes its chunks; after each round of one batch per process, process 0 lists the round's
+chunks in batch order in the manifests. The stores are the ones a single process writes, chunk for chunk.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdit import hooks as hk
+from jaxdit import distributed, hooks as hk
 from jaxdit.train.store import ActivationStore
 
 Apply = Callable[[jax.Array, jax.Array, jax.Array, hk.Hooks, Any], tuple[jax.Array, dict[str, jax.Array]]]
@@ -88,6 +94,40 @@ def sd3_model(params, config, *, name: str, height: int, width: int, vae_factor:
     return HarvestModel(name, (config.in_channels, height // vae_factor, width // vae_factor), apply)
 
 
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """Conditioning batches made on demand: batch i is `make(start, stop)` for its prompt rows
+    `bounds[i]` = [start, stop)."""
+
+    bounds: tuple[tuple[int, int], ...]
+    make: Callable[[int, int], Any]
+
+    @classmethod
+    def split(cls, total: int, batch_size: int, make: Callable[[int, int], Any]) -> "Batches":
+        """`total` prompts in batches of `batch_size` (the last one shorter)."""
+        return cls(tuple((a, min(a + batch_size, total)) for a in range(0, total, batch_size)), make)
+
+    @classmethod
+    def of(cls, batches: Iterable[Any]) -> "Batches":
+        """Batches already made (a list of pytrees)."""
+        batches = list(batches)
+        sizes = [jax.tree.leaves(b)[0].shape[0] for b in batches]
+        starts = np.cumsum([0] + sizes).tolist()
+        by_start = dict(zip(starts, batches))
+        return cls(tuple(zip(starts[:-1], starts[1:])), lambda start, stop: by_start[start])
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.make(*self.bounds[i])
+
+
+def process_batches(count: int) -> range:
+    """The indices of the batches (of `count`) this process harvests."""
+    return range(jax.process_index(), count, jax.process_count())
+
+
 def _check_request(positions: Sequence[str], steps: Sequence[int], num_steps: int) -> tuple[int, ...]:
     if not positions:
         raise ValueError("no positions given")
@@ -132,38 +172,94 @@ def trajectory_captures(model: HarvestModel, positions: Sequence[str], steps: tu
     return run
 
 
-def harvest(model: HarvestModel, conditioning: Iterable[Any], positions: Sequence[str], steps: Sequence[int], *,
-            sigmas, timesteps, out: str | os.PathLike, seed: int = 0, dtype: str = "float32",
+def harvest(model: HarvestModel, conditioning: Batches | Iterable[Any], positions: Sequence[str],
+            steps: Sequence[int], *, sigmas, timesteps, out: str | os.PathLike, seed: int = 0, dtype: str = "float32",
             prompts: Sequence[str] | None = None, progress: bool = True) -> dict[str, ActivationStore]:
     """Run every conditioning batch through the trajectory and append the captures to stores under `out`
     (one directory per position, named after it). `sigmas` [N+1] / `timesteps` [N] come from
     `jaxdit.sampling` (e.g. `flux_schedule`); `prompts`, if given, are the texts of the conditioning rows
-    in order, recorded with each chunk. Positions may use `*` for every layer."""
+    in order, recorded with each chunk. Positions may use `*` for every layer. With several processes,
+    every process calls this with the same arguments (see the module notes)."""
     steps = _check_request(positions, steps, len(timesteps))
+    batches = conditioning if isinstance(conditioning, Batches) else Batches.of(conditioning)
     run = jax.jit(trajectory_captures(model, positions, steps, sigmas, timesteps))
-    out = Path(out)
-    stores: dict[str, ActivationStore] = {}
-    offset = 0
-    for i, cond in enumerate(tqdm(conditioning, desc="harvest", unit="batch", disable=not progress)):
-        batch = jax.tree.leaves(cond)[0].shape[0]
-        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (batch, *model.latent_shape))
-        if not stores:
-            shapes = jax.eval_shape(run, noise, cond)
-            for name, shape in sorted(shapes.items()):
-                width = int(np.prod(shape.shape[3:], dtype=np.int64))  # [steps, B, tokens, width...]
-                stores[name] = ActivationStore.create(
-                    out / name, d=width, dtype=dtype, model=model.name, position=name, steps=list(steps),
-                    timesteps=[float(timesteps[s]) for s in steps], exist_ok=True)
-        todo = [name for name, store in stores.items() if i not in {c.get("batch") for c in store.chunks}]
-        if todo:
-            captured = run(noise, cond)
-            record = {"batch": i, "prompt_range": [offset, offset + batch], "steps": list(steps),
-                      "layout": ["step", "prompt", "token"]}
-            if prompts is not None:
-                record["prompt_texts"] = list(prompts[offset:offset + batch])
-            for name in todo:
-                value = np.asarray(captured[name])  # [steps, B, tokens, width...]
-                record["tokens"] = int(value.shape[2])
-                stores[name].append(value.reshape(-1, stores[name].d), record, prompts=batch)
-        offset += batch
+    me, count = jax.process_index(), jax.process_count()
+    made = {}  # this process's first batch, made once for the store layout and for its run
+
+    def batch(i: int):
+        return made.pop(i) if i in made else batches[i]
+
+    def noise(i: int, cond) -> jax.Array:
+        size = jax.tree.leaves(cond)[0].shape[0]
+        return jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (size, *model.latent_shape))
+
+    widths = None
+    if me < len(batches):
+        made[me] = batches[me]
+        shapes = jax.eval_shape(run, noise(me, made[me]), made[me])  # {position: [steps, B, tokens, width...]}
+        widths = {name: int(np.prod(shape.shape[3:], dtype=np.int64)) for name, shape in sorted(shapes.items())}
+    stores = _open_stores(Path(out), widths, model.name, steps, timesteps, dtype)
+    for r in tqdm(range(-(-len(batches) // count)), desc="harvest", unit="batch" if count == 1 else "round",
+                  disable=not progress or me != 0):
+        i = r * count + me
+        written = {}
+        if i < len(batches):
+            written = _harvest_batch(i, r * count, batch, noise, run, batches, stores, steps, prompts)
+        for name, entries in _by_store(distributed.allgather_json(written)).items():
+            if name in stores:  # (a process without batches holds no stores)
+                prompt_count = sum(b - a for a, b in (e["prompt_range"] for e in entries))
+                stores[name].commit(entries, prompt_count, write=me == 0)
+    distributed.barrier("jaxdit-harvest-done")  # the manifests are complete when any process returns
     return stores
+
+
+def _open_stores(out: Path, widths: dict[str, int] | None, model: str, steps, timesteps, dtype: str
+                 ) -> dict[str, ActivationStore]:
+    """The store of every captured position (`widths`: {position: row width}, None for a process without
+    batches), created or reopened by process 0 (which also clears a crashed run's leftovers) and then
+    opened by the others."""
+    lead = jax.process_index() == 0
+    stores = {}
+    if lead and widths is not None:
+        for name, width in widths.items():
+            stores[name] = ActivationStore.create(out / name, d=width, dtype=dtype, model=model, position=name,
+                                                  steps=list(steps), timesteps=[float(timesteps[s]) for s in steps],
+                                                  exist_ok=True)
+            stores[name].remove_leftovers()
+    distributed.barrier("jaxdit-harvest-stores")  # nobody writes a chunk before the stores exist
+    if not lead and widths is not None:
+        stores = {name: ActivationStore.open(out / name) for name in widths}
+    return stores
+
+
+def _harvest_batch(i: int, first: int, batch, noise, run, batches: Batches, stores: dict[str, ActivationStore],
+                   steps: tuple[int, ...], prompts) -> dict[str, dict[str, Any]]:
+    """Run batch i (of the round starting at batch `first`) for the stores that lack it and write its
+    chunks; returns {store: manifest entry} for `commit`."""
+    done = {name: {c.get("batch") for c in store.chunks} for name, store in stores.items()}
+    todo = [name for name in stores if i not in done[name]]
+    if not todo:
+        return {}
+    cond = batch(i)
+    captured = run(noise(i, cond), cond)
+    start, stop = batches.bounds[i]
+    record = {"batch": i, "prompt_range": [start, stop], "steps": list(steps), "layout": ["step", "prompt", "token"]}
+    if prompts is not None:
+        record["prompt_texts"] = list(prompts[start:stop])
+    written = {}
+    for name in todo:
+        # chunks are named by their place in the manifest: after those listed, in batch order in the round
+        place = len(stores[name].chunks) + sum(j not in done[name] for j in range(first, i))
+        value = np.asarray(captured[name])  # [steps, B, tokens, width...]
+        written[name] = stores[name].write_chunk(value.reshape(-1, stores[name].d), f"{place:06d}",
+                                                 {**record, "tokens": int(value.shape[2])})
+    return written
+
+
+def _by_store(gathered: list[dict[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Every process's {store: entry} of one round -> {store: entries in batch order}."""
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for written in gathered:
+        for name, entry in written.items():
+            entries.setdefault(name, []).append(entry)
+    return {name: sorted(e, key=lambda entry: entry["batch"]) for name, e in entries.items()}

@@ -9,7 +9,8 @@ A store is a directory:
 Each append writes its chunk under a temporary name, renames it into place, then rewrites the manifest
 (temp file + rename). A chunk is part of the store only once the manifest lists it, so a crash at any
 point leaves a readable store: at worst an unlisted chunk directory, removed on the next append. One
-writer at a time.
+manifest writer at a time; several processes may write chunks side by side (`write_chunk`, each under
+its own name) while one of them lists them (`commit`), as a multi-process harvest does.
 
 Training reads a store, or a plain `.npy` [N, d] file, through `BatchStream`: a deterministic shuffle
 whose state is one integer (rows consumed), so a resumed run sees exactly the batches it would have seen.
@@ -29,6 +30,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from jaxdit.convert.checkpoint import atomic_file
+
 FORMAT = "jaxdit-activations"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,9 +45,8 @@ class StoreError(ValueError):
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 class ActivationStore:
@@ -132,16 +134,29 @@ class ActivationStore:
     def append(self, rows: np.ndarray, record: dict[str, Any] | None = None, prompts: int = 0) -> str:
         """Add rows [N, d] as one new chunk; `record` is stored in the chunk's manifest entry and
         `prompts` added to the store's prompt count. Returns the chunk name."""
+        self.remove_leftovers()
+        entry = self.write_chunk(rows, f"{len(self.chunks):06d}", record)
+        self.commit([entry], prompts)
+        return entry["name"]
+
+    def remove_leftovers(self) -> None:
+        """Delete temporary chunk directories left by a crash inside an earlier write. Only while no
+        other process is writing chunks into this store."""
+        for stale in (self.path / "chunks").glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def write_chunk(self, rows: np.ndarray, name: str, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write rows [N, d] as chunk `name` (not yet listed: `commit` lists it); returns its manifest entry.
+        An unlisted chunk of that name, left by a crash, is replaced."""
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.d:
             raise StoreError(f"activation store {self.path}: cannot append an array of shape {rows.shape}, "
                              f"rows must be [N, {self.d}]")
         if rows.shape[0] == 0:
             raise StoreError(f"activation store {self.path}: cannot append an empty chunk")
+        if any(c["name"] == name for c in self.chunks):
+            raise StoreError(f"activation store {self.path}: chunk {name!r} is already listed in {MANIFEST}")
         chunks_dir = self.path / "chunks"
-        for stale in chunks_dir.glob(".tmp-*"):  # left by a crash inside an earlier append
-            shutil.rmtree(stale, ignore_errors=True)
-        name = f"{len(self.chunks):06d}"
         tmp = chunks_dir / f".tmp-{uuid.uuid4().hex[:8]}"
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp)},
                 "metadata": {"shape": list(rows.shape), "data_type": self.manifest["dtype"],
@@ -151,19 +166,25 @@ class ActivationStore:
             array = ts.open(spec, create=True).result()
             array.write(rows.astype(self.dtype, copy=False)).result()
             final = chunks_dir / name
-            if final.exists():  # renamed by a crashed append but never listed: not part of the store
+            if final.exists():  # renamed by a crashed write but never listed: not part of the store
                 shutil.rmtree(final)
             os.rename(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        return {"name": name, "rows": int(rows.shape[0]), **(record or {})}
+
+    def commit(self, entries: list[dict[str, Any]], prompts: int = 0, write: bool = True) -> None:
+        """List written chunks (entries of `write_chunk`, in order) and add `prompts` to the prompt count,
+        in one manifest rewrite. `write=False` updates only this object, for the processes of a
+        multi-process writer that are not the one writing the manifest."""
         manifest = dict(self.manifest)
-        manifest["chunks"] = self.chunks + [{"name": name, "rows": int(rows.shape[0]), **(record or {})}]
-        manifest["count"] = self.count + int(rows.shape[0])
+        manifest["chunks"] = self.chunks + list(entries)
+        manifest["count"] = self.count + sum(int(e["rows"]) for e in entries)
         manifest["prompts"] = int(manifest.get("prompts", 0)) + int(prompts)
-        _write_json_atomic(self.path / MANIFEST, manifest)
+        if write:
+            _write_json_atomic(self.path / MANIFEST, manifest)
         self.manifest = manifest
-        return name
 
     # -- reading (the `Source` protocol) --
 
@@ -247,23 +268,23 @@ def open_source(path: str | os.PathLike) -> ActivationStore | NpySource:
 class BatchStream:
     """Shuffled batches [batch, d] float32 from a source, a pure function of (seed, position).
 
-    Each process reads its own pieces: piece i belongs to process i % process_count (multi-host
-    training: every process streams its share and the trainer assembles the global batch from the
-    per-process batches). Epoch e visits this process's pieces in a seeded order, in windows of
-    `window` pieces; the rows of a window are shuffled together, so memory holds at most two windows
-    (window * piece rows * d values, plus the tail of the previous one while a batch spans them).
-    `position` counts rows consumed; a stream created at a saved position continues exactly.
+    The stream may be one of `parts` streams splitting the source: part k reads only the pieces i with
+    i % parts == k (the trainer's global batch is `parts` equal slices, one from each, so that a
+    process reads only the parts its devices hold). Epoch e visits this stream's pieces in a seeded
+    order, in windows of `window` pieces; the rows of a window are shuffled together, so memory holds at
+    most two windows (window * piece rows * d values, plus the tail of the previous one while a batch
+    spans them). `position` counts rows consumed; a stream created at a saved position continues exactly.
     """
 
     def __init__(self, source: Source, batch_size: int, *, seed: int = 0, window: int = 4, position: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 part: int = 0, parts: int = 1):
         if batch_size < 1 or window < 1:
             raise ValueError(f"batch_size and window must be >= 1, got {batch_size}, {window}")
         self.source, self.batch_size, self.seed, self.window = source, batch_size, seed, window
-        self.mine = [i for i in range(len(source.pieces)) if i % process_count == process_index]
+        self.mine = [i for i in range(len(source.pieces)) if i % parts == part]
         if not self.mine:
-            raise StoreError(f"the training data has {len(source.pieces)} chunk(s); each of {process_count} "
-                             f"processes needs at least one")
+            raise StoreError(f"the training data has {len(source.pieces)} chunk(s); each of its {parts} data "
+                             f"streams needs at least one")
         self.epoch_rows = sum(source.pieces[i] for i in self.mine)
         self.position = position
         self._key = None  # (epoch, window) held in the buffer
@@ -310,12 +331,59 @@ class BatchStream:
 
     def describe_nonfinite(self, position: int, count: int) -> str:
         """Where the first NaN/inf row in stream rows [position, position + count) comes from."""
+        return self.find_nonfinite(position, count) or "no non-finite row found on re-reading"
+
+    def find_nonfinite(self, position: int, count: int) -> str | None:
         probe = copy.copy(self)  # same pieces and order; its own position and buffer
         probe.position, probe._key = position, None
         rows, origin = probe.take(count)
         bad = np.flatnonzero(~np.isfinite(rows.astype(np.float32)).all(axis=1))
         if not len(bad):
-            return "no non-finite row found on re-reading"
+            return None
         piece, row = origin[bad[0]]
         return (f"first at {self.source.describe(int(piece), int(row))}; {len(bad)} of the {count} rows read hold "
                 "NaN or inf (rows are read shuffled, from anywhere in the data)")
+
+
+class SlicedStream:
+    """Rows [start, stop) of every global batch [batch_size, d], the batch being `parts` equal slices,
+    slice k the next rows of part k's `BatchStream`.
+
+    Which rows a step holds is a function of (seed, parts, position) alone, not of how many processes read
+    them or of the mesh: each process builds only the parts its rows overlap (with one part per
+    process and the batch split over processes, each reads only its own share of the data). The state is
+    still one integer, the rows each part has consumed.
+    """
+
+    def __init__(self, source: Source, batch_size: int, rows: tuple[int, int], *, parts: int = 1, seed: int = 0,
+                 window: int = 4, position: int = 0):
+        start, stop = rows
+        if batch_size % parts or not 0 <= start < stop <= batch_size:
+            raise ValueError(f"rows {rows} of a batch of {batch_size} in {parts} equal parts")
+        self.per, self.rows, self.total_parts = batch_size // parts, rows, parts
+        self.first = start // self.per
+        self.parts = {k: BatchStream(source, self.per, seed=seed, window=window, position=position, part=k,
+                                     parts=parts) for k in range(self.first, (stop - 1) // self.per + 1)}
+
+    @property
+    def position(self) -> int:
+        return next(iter(self.parts.values())).position
+
+    def next(self) -> np.ndarray:
+        """This process's rows of the next global batch, float32 [stop - start, d]."""
+        batch = np.concatenate([stream.next() for stream in self.parts.values()])
+        offset = self.rows[0] - self.first * self.per
+        return batch[offset:offset + self.rows[1] - self.rows[0]]
+
+    def span(self, step: int) -> tuple[int, int]:
+        """The positions [start, stop) each part's rows of batch `step` (from 1) were read from."""
+        return (step - 1) * self.per, step * self.per
+
+    def describe_nonfinite(self, step: int) -> str:
+        """Where the first NaN/inf row among this process's rows of batch `step` (from 1) comes from."""
+        start, stop = self.span(step)
+        for k, stream in self.parts.items():
+            found = stream.find_nonfinite(start, stop - start)
+            if found:
+                return f"data stream {k}, {found}" if self.total_parts > 1 else found
+        return "no non-finite row among this process's rows on re-reading"

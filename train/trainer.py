@@ -34,10 +34,13 @@ NaN / inf. The step records the first step whose batch was not finite (a device-
 the host reads it at every log and before every checkpoint and stops with the step, the stream position
 and the chunk and row it came from, so no checkpoint ever holds a poisoned state.
 
-Multi-host: call `jax.distributed.initialize()` first. Every process reads its own share of the data
-(`BatchStream` with jax.process_index / process_count, batch_size / process_count rows per step); the
-global batch is assembled with `jax.make_array_from_process_local_data`. Checkpoints are written by
-orbax from all processes; metrics, the progress bar and the final SAE by process 0.
+Several processes: join them first (`jaxdit.distributed`, `jax.distributed.initialize`); the mesh then
+spans every process's devices. The global batch of a step is `TrainConfig.data_streams` equal slices,
+slice k from the data stream reading chunks k, k + streams, ... (`store.SlicedStream`), so the batches
+depend on the number of streams, not on the number of processes or the mesh; each process reads only
+the streams whose rows its devices hold (one stream per process by default: each reads its own share
+of the chunks). Checkpoints are written by orbax from all processes and restore onto any number of
+processes and any mesh; train.json, metrics, the progress bar and the final SAE come from process 0.
 """
 
 from __future__ import annotations
@@ -59,10 +62,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxdit import distributed
+from jaxdit.convert.checkpoint import atomic_file
 from jaxdit.sharding import make_mesh
 from jaxdit.train import sae
 from jaxdit.train.interop import save_sae
-from jaxdit.train.store import BatchStream, Source, StoreError, open_source
+from jaxdit.train.store import SlicedStream, Source, StoreError, open_source
 
 BATCH_AXES = ("data", "fsdp")
 LATENT_AXIS = "tensor"
@@ -96,6 +101,9 @@ class TrainConfig:
     normalize_inputs: bool = True  # scale inputs to mean squared norm ~ target_sq_norm
     target_sq_norm: float = 1.0
     shuffle_window: int = 4  # store chunks shuffled together (see BatchStream)
+    # The batch is this many slices, each from its own share of the data chunks (store.SlicedStream).
+    # None: the number of processes for a new run, the recorded number for a resumed one.
+    data_streams: int | None = None
     threshold_ema: float = 0.01  # batchtopk: rate of the inference-threshold running average
 
     def __post_init__(self):
@@ -109,6 +117,12 @@ class TrainConfig:
             raise ValueError(f"decay_start must be a fraction in [0, 1], got {self.decay_start}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.data_streams is not None and self.data_streams < 1:
+            raise ValueError(f"data_streams must be >= 1, got {self.data_streams}")
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "TrainConfig":
+        return cls(**{**record, "loss": sae.LossConfig(**record["loss"])})
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,16 +190,22 @@ def param_specs(cfg: sae.SAEConfig) -> dict[str, P]:
 
 
 def mesh_for(sizes: tuple[int, int, int]) -> Mesh:
-    """The mesh of `RunOptions.mesh`: fully given sizes may use fewer devices than there are (the first ones)."""
+    """The mesh of `RunOptions.mesh`: fully given sizes may use fewer devices than there are (the first
+    ones), with one process; a mesh of several processes spans all their devices."""
     count = int(np.prod(sizes))
+    if -1 not in sizes and jax.process_count() > 1 and count != jax.device_count():
+        raise ValueError(f"mesh {','.join(map(str, sizes))} has {count} devices, but the "
+                         f"{jax.process_count()} processes have {jax.device_count()}: a mesh of several processes "
+                         "spans every device (-1 for one axis takes the rest)")
     return make_mesh(*sizes, devices=None if -1 in sizes else jax.devices()[:count])
 
 
 def check_mesh(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tc.batch_size % (shards * jax.process_count()):
-        raise ValueError(f"batch size {tc.batch_size} is not divisible by data*fsdp = {shards} "
-                         f"(and the {jax.process_count()} process(es))")
+    if tc.batch_size % shards:
+        raise ValueError(f"batch size {tc.batch_size} is not divisible by data*fsdp = {shards}")
+    if tc.data_streams and tc.batch_size % tc.data_streams:
+        raise ValueError(f"batch size {tc.batch_size} is not divisible by the {tc.data_streams} data streams")
     if cfg.n_latents % mesh.shape[LATENT_AXIS]:
         raise ValueError(f"n_latents {cfg.n_latents} is not divisible by the tensor axis ({mesh.shape[LATENT_AXIS]})")
 
@@ -281,24 +301,40 @@ def auxk_choice(step: int, max_since_fired: int, num_dead: int, cfg: sae.SAEConf
 
 # --- data-dependent initialisation ----------------------------------------------------------------------
 
-def _global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """This process's rows -> the global batch array sharded over the batch axes."""
-    sharding = NamedSharding(mesh, P(BATCH_AXES, None))
-    shape = (local.shape[0] * jax.process_count(), local.shape[1])
-    return jax.make_array_from_process_local_data(sharding, local, shape)
+def process_rows(mesh: Mesh, batch: int) -> tuple[int, int]:
+    """The rows [start, stop) of a [batch, d] array sharded over the batch axes that this process's
+    devices hold (all of them with one process; a block of them when the batch axes span processes)."""
+    index = NamedSharding(mesh, P(BATCH_AXES, None)).addressable_devices_indices_map((batch, 1))
+    blocks = sorted({rows.indices(batch)[:2] for rows, _ in index.values()})
+    start, stop = blocks[0][0], blocks[-1][1]
+    if sum(b - a for a, b in blocks) != stop - start:  # a mesh of arbitrarily ordered devices
+        raise ValueError(f"the batch rows held by {distributed.describe()} are not one block: {blocks}")
+    return start, stop
+
+
+def _global_batch(local: np.ndarray, mesh: Mesh, batch: int, rows: tuple[int, int]) -> jax.Array:
+    """This process's rows [start, stop) of the batch -> the global [batch, d] array over the batch axes."""
+    def block(index):  # one device's rows, found among this process's rows
+        start, stop, _ = index[0].indices(batch)
+        return local[start - rows[0]:stop - rows[0]]
+
+    return jax.make_array_from_callback((batch, local.shape[1]), NamedSharding(mesh, P(BATCH_AXES, None)), block)
+
+
+def _streams(tc: TrainConfig) -> int:
+    return tc.data_streams or jax.process_count()
 
 
 def estimate_init(source: Source, cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh) -> tuple[float, np.ndarray | None]:
-    """(input scale, b_dec in scaled units or None) from the first `init_rows` rows of the stream."""
-    per_process = max(tc.init_rows // jax.process_count(), 1)
+    """(input scale, b_dec in scaled units or None) from the first `init_rows` rows of the streams."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    per_process += -per_process % shards  # the sample is sharded like a batch
-    stream = BatchStream(source, per_process, seed=tc.seed, window=tc.shuffle_window,
-                         process_index=jax.process_index(), process_count=jax.process_count())
-    sample = _global_batch(stream.next(), mesh)
+    size = tc.init_rows + -tc.init_rows % math.lcm(shards, _streams(tc))  # sharded and sliced like a batch
+    rows = process_rows(mesh, size)
+    stream = SlicedStream(source, size, rows, parts=_streams(tc), seed=tc.seed, window=tc.shuffle_window)
+    sample = _global_batch(stream.next(), mesh, size, rows)
     if not bool(jax.jit(lambda x: jnp.all(jnp.isfinite(x)))(sample)):
-        raise NonFiniteError(f"non-finite activations (NaN or inf) in the first {per_process} rows of the data, "
-                             f"used to initialise the SAE: {stream.describe_nonfinite(0, per_process)}")
+        raise NonFiniteError(f"non-finite activations (NaN or inf) in the first {size} rows of the data, "
+                             f"used to initialise the SAE: {stream.describe_nonfinite(1)}")
     scale = 1.0
     if tc.normalize_inputs:
         mean_sq = float(jax.jit(lambda x: jnp.mean(jnp.sum(x * x, axis=-1)))(sample))
@@ -317,51 +353,93 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def _checkpoint_manager(out: Path, opts: RunOptions) -> ocp.CheckpointManager:
+def _checkpoint_manager(out: Path, opts: RunOptions, create: bool = True) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         out.absolute() / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=opts.keep_checkpoints, cleanup_tmp_directories=True,
-                                             create=True))
+                                             create=create))
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract, shardings) -> tuple[dict[str, Any], int]:
+    """(training state on `shardings`, data position) of a saved step. Orbax reads each shard from the
+    saved arrays whatever processes and mesh wrote them."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+    return restored.state, int(restored.meta["position"])
 
 
 RECORD = "train.json"
+
+
+def read_record(out: str | os.PathLike) -> dict[str, Any]:
+    """OUT/train.json of a run: {"sae": ..., "train": ..., "data": ...}."""
+    path = Path(out) / RECORD
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: not a training run")
+    return json.loads(path.read_text())
 
 
 def _start_record(out: Path, cfg: sae.SAEConfig, tc: TrainConfig, data) -> None:
     """Write OUT/train.json for a fresh run (refusing to overwrite an existing run)."""
     if (out / RECORD).exists() or (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a training run (pass resume / --resume to continue it)")
-    _sync_hosts("jaxdit-sae-start-checked")  # every host has checked before process 0 writes the record
+    distributed.barrier("jaxdit-sae-start-checked")  # every host has checked before process 0 writes the record
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
         record = {"format": "jaxdit-sae-training", "version": 1, "sae": cfg.to_json(), "train": tc.to_json(),
                   "data": str(data)}
-        tmp = out / f".{RECORD}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out / RECORD)
-    _sync_hosts("jaxdit-sae-start-written")
+        with atomic_file(out / RECORD) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+    distributed.barrier("jaxdit-sae-start-written")
 
 
-def _sync_hosts(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _resumed_config(out: Path, cfg: sae.SAEConfig, tc: TrainConfig) -> sae.SAEConfig:
-    """The stored SAE config (with its input scale), after checking the run's settings are unchanged."""
-    path = out / RECORD
-    if not path.exists():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist")
-    record = json.loads(path.read_text())
+def _resumed(out: Path, cfg: sae.SAEConfig, tc: TrainConfig) -> tuple[sae.SAEConfig, TrainConfig]:
+    """The stored SAE config (with its input scale) and `tc` with the run's data streams, after checking
+    that the run's settings are unchanged."""
+    if not (out / RECORD).exists():
+        raise FileNotFoundError(f"cannot resume: {out / RECORD} does not exist")
+    record = read_record(out)
+    # a record without data streams comes from a trainer that read one stream per process
+    stored_train = {"data_streams": jax.process_count(), **record["train"]}
+    if tc.data_streams is None:
+        tc = dataclasses.replace(tc, data_streams=stored_train["data_streams"])
     given_sae = {k: v for k, v in cfg.to_json().items() if k != "input_scale"}
-    pairs = (("train.", record["train"], tc.to_json()), ("sae.", record["sae"], given_sae))
+    pairs = (("train.", stored_train, tc.to_json()), ("sae.", record["sae"], given_sae))
     problems = [f"{prefix}{k}: checkpoint {stored.get(k)!r}, given {v!r}"
                 for prefix, stored, given in pairs for k, v in given.items() if stored.get(k) != v]
     if problems:
         raise ValueError(f"cannot resume {out} with different settings: {'; '.join(problems)}")
-    return sae.SAEConfig.from_json(record["sae"])
+    return sae.SAEConfig.from_json(record["sae"]), tc
+
+
+def _abstract_state(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh):
+    """(optimizer, lr schedule, abstract training state, its shardings on `mesh`)."""
+    schedule = lr_schedule(tc, tc.base_lr(cfg.n_latents))
+    optimizer = make_optimizer(tc, schedule)
+    abstract = jax.eval_shape(lambda: init_state(cfg, tc, optimizer, None))
+    return optimizer, schedule, abstract, state_shardings(cfg, optimizer, mesh, abstract)
+
+
+def restore_checkpoint(out: str | os.PathLike, mesh: tuple[int, int, int] = (-1, 1, 1), step: int | None = None
+                       ) -> tuple[sae.SAEConfig, TrainConfig, dict[str, Any], int]:
+    """(SAE config, train config, training state on `mesh`, data position) of the run in `out` at its
+    checkpoint `step` (default: the newest), whatever number of processes and mesh saved it."""
+    out = Path(out)
+    record = read_record(out)
+    cfg, tc = sae.SAEConfig.from_json(record["sae"]), TrainConfig.from_json(record["train"])
+    if not (out / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{out / 'checkpoints'} does not exist: the run saved no checkpoint")
+    _, _, abstract, shardings = _abstract_state(cfg, tc, mesh_for(mesh))
+    manager = _checkpoint_manager(out, RunOptions(), create=False)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"{out / 'checkpoints'}: no checkpoint of step {step} "
+                                    f"(saved: {sorted(manager.all_steps())})")
+        state, position = _restore(manager, step, abstract, shardings)
+    finally:
+        manager.close()
+    return cfg, tc, state, position
 
 
 def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, tc: TrainConfig,
@@ -371,26 +449,26 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
 
     `cfg.input_scale` is replaced by the estimate from data (if tc.normalize_inputs). `callback(metrics)`
     runs on process 0 after every logged step. With `resume`, `out` must hold a run started with the
-    same configs; it continues from its newest checkpoint (on any mesh; bitwise on the same one).
+    same configs; it continues from its newest checkpoint (on any mesh and number of processes; bitwise
+    on the same mesh). Every process of a multi-process run calls this with the same arguments.
     """
     out = Path(out)
     source = open_source(data)
     if source.d != cfg.d_in:
         raise StoreError(f"training data {data} has d={source.d}, but the SAE expects d_in={cfg.d_in}")
     mesh = mesh_for(opts.mesh)
+    if resume:
+        cfg, tc = _resumed(out, cfg, tc)
+    else:
+        tc = dataclasses.replace(tc, data_streams=_streams(tc))
     check_mesh(cfg, tc, mesh)
     b_dec = None
-    if resume:
-        cfg = _resumed_config(out, cfg, tc)
-    else:
+    if not resume:
         scale, b_dec = estimate_init(source, cfg, tc, mesh)
         cfg = cfg.replace(input_scale=scale)
         _start_record(out, cfg, tc, data)
 
-    schedule = lr_schedule(tc, tc.base_lr(cfg.n_latents))
-    optimizer = make_optimizer(tc, schedule)
-    abstract = jax.eval_shape(lambda: init_state(cfg, tc, optimizer, None))
-    shardings = state_shardings(cfg, optimizer, mesh, abstract)
+    optimizer, schedule, abstract, shardings = _abstract_state(cfg, tc, mesh)
     step_fns: dict[int | None, Callable] = {}
 
     def step_fn(auxk_width: int | None):  # compiled when first needed
@@ -400,24 +478,21 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
         return step_fns[auxk_width]
 
     dead_counts = jax.jit(lambda s: (jnp.max(s), jnp.sum(s >= tc.loss.dead_tokens, dtype=jnp.int32)))
-    local_batch = tc.batch_size // jax.process_count()
+    rows = process_rows(mesh, tc.batch_size)
     lead = jax.process_index() == 0
     manager = _checkpoint_manager(out, opts)
     try:
         latest = manager.latest_step() if resume else None
         if latest is not None:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            restored = manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-            state, position = restored.state, int(restored.meta["position"])
+            state, position = _restore(manager, latest, abstract, shardings)
         else:
             if b_dec is None and tc.b_dec_init != "zeros":  # resumed before the first checkpoint: start over
                 b_dec = estimate_init(source, cfg, tc, mesh)[1]
             state = jax.jit(lambda b: init_state(cfg, tc, optimizer, b), out_shardings=shardings)(b_dec)
             position = 0
         start = int(_host(state["step"]))
-        stream = BatchStream(source, local_batch, seed=tc.seed, window=tc.shuffle_window, position=position,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+        stream = SlicedStream(source, tc.batch_size, rows, parts=tc.data_streams, seed=tc.seed,
+                              window=tc.shuffle_window, position=position)
         metrics_path = out / "metrics.jsonl"
         if lead:
             _truncate_metrics(metrics_path, start)
@@ -426,11 +501,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
             """Raise if any step so far had a non-finite batch (before anything of it is saved)."""
             bad = int(_host(state["bad_step"]))
             if bad >= 0:
-                first = (bad - 1) * local_batch  # step s consumed rows [(s - 1) B, s B) of the stream
-                raise NonFiniteError(
-                    f"non-finite activations (NaN or inf) in the training batch of step {bad} "
-                    f"(data position {first}..{first + local_batch} of process {jax.process_index()}): "
-                    f"{stream.describe_nonfinite(first, local_batch)}")
+                first, last = stream.span(bad)
+                raise NonFiniteError(f"non-finite activations (NaN or inf) in the training batch of step {bad} "
+                                     f"(data position {first}..{last}): {stream.describe_nonfinite(bad)}")
 
         def choose(done: int) -> tuple[int, int]:
             top, num_dead = dead_counts(state["since_fired"])
@@ -438,6 +511,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
 
         # Each step's program is a function of the state alone (so of nothing RunOptions or a resumption
         # change), read from the dead-latent counters only when the bound from the last read has run out.
+        # Every process reads the same replicated counters, so all of them run the same program.
         auxk = uses_auxk(cfg, tc)
         free_until, width = choose(start) if auxk else (tc.steps, None)
         bar = tqdm(total=tc.steps, initial=start, disable=not (lead and opts.progress), desc="sae train", unit="step")
@@ -447,7 +521,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
             if auxk and s > free_until:
                 free_until, width = choose(s - 1)
             program = step_fn(0 if auxk and s <= free_until else width)
-            state, metrics = program(state, _global_batch(stream.next(), mesh))
+            state, metrics = program(state, _global_batch(stream.next(), mesh, tc.batch_size, rows))
             bar.update(1)
             if s % opts.log_every == 0 or s == tc.steps:
                 check_finite()
@@ -477,6 +551,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
     if lead:
         save_sae(out / "sae", cfg, params, overwrite=True,
                  training={"steps": tc.steps, "tokens": tc.steps * tc.batch_size, "data": str(data)})
+    distributed.barrier("jaxdit-sae-saved")  # OUT/sae exists on return, on every process
     return cfg, params
 
 
@@ -485,6 +560,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(l + "\n" for l in lines))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(l + "\n" for l in lines))
