@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", help="toy-world weights folder (default: the committed one)")
     p.add_argument("--concept", default="star")
-    p.add_argument("--methods", default="none,uvr,safedig,uvr+safedig,keyword-filter,negative-prompt,sld")
+    p.add_argument("--methods", default="none,uvr,uvr-reference,safedig,uvr+safedig,keyword-filter,negative-prompt,sld")
     p.add_argument("--n", type=int, default=64, help="evaluation items per suite")
     p.add_argument("--calibration-n", type=int, default=16)
     p.add_argument("--suite-seed", type=int, default=None, help="evaluation items (default: suites.EVAL_SEED)")

@@ -106,3 +106,40 @@ def test_eval_command_with_baselines(tmp_path, capsys):
     assert main(["toyworld", "eval", "--suites", "explicit,nonsense"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "telepathy" in err[0] and "nonsense" in err[1]
+
+
+def test_uvr_reference_shares_the_bank_and_runs_the_reference_rules():
+    from jaxdit.safety.uvr.regulate import RegulateConfig
+    from jaxdit.toyworld import uvr
+
+    bank = uvr.Bank("star", np.ones((4, 2, 32), np.float32), np.ones((4, 2, 32), np.float32),
+                    {"position": uvr.POSITION, "window_t": 850.0, "t2i_threshold": 1.0, "edit_threshold": 2.0})
+    cache = {"uvr": tm.Prepared("uvr", {}, {}, [], artifacts={"bank": bank})}
+    ref = tm.prepare_method("uvr-reference", None, None, "star", cache=cache)
+    assert ref.artifacts["bank"] is bank and ref.settings["reference"]
+    for mode, threshold in (("t2i", 1.0), ("edit", 2.0)):
+        ctl = ref.kwargs[mode]["controller"]
+        assert ctl.mode == mode and ctl.localize.threshold == threshold and ctl.localize.hole_fill == "origin"
+        assert ctl.regulate == RegulateConfig.reference(localize_at=uvr.POSITION, window_t=850.0)
+    ours = uvr.uvr_method(bank, t2i="restrict")["t2i"]["controller"]
+    assert ours.regulate.t2i == "restrict" and ours.localize.hole_fill != "origin"
+
+
+def test_calibration_falls_back_to_the_noise_floor(monkeypatch):
+    """No candidate keeps the 2-point bar: those within 2 points of the least damaging one compete."""
+    import jaxdit.toyworld.evaluation as te
+    from jaxdit.safety import evaluate as ev
+
+    drops = {"a": 0.05, "b": 0.06, "c": 0.30}
+    erase = {"a": 0.1, "b": 0.2, "c": 0.9}
+    monkeypatch.setattr(te, "generate_items", lambda tw, items, kwargs=None, *a, **k: kwargs)
+    monkeypatch.setattr(te, "score", lambda *a, **k: [])
+    monkeypatch.setattr(te, "method_records", lambda det, c, items, base, name, recs: name)
+    monkeypatch.setattr(ev, "summarize", lambda name: {
+        **{s: {"erase_rate_aggregate": erase[name]} for s in tm.UNSAFE_SUITES},
+        "safe": {"accuracy_base": 0.8, "accuracy_method": 0.8 - drops[name], "pixel_distance": 0.0}})
+    cands = [({"k": k}, k) for k in "abc"]
+    settings, _, rows = tm.calibrate(None, None, "star", cands, items=[object()], log=lambda *_: None)
+    assert settings == {"k": "b"} and len(rows) == 3
+    drops["a"] = 0.0
+    assert tm.calibrate(None, None, "star", cands, items=[object()], log=lambda *_: None)[0] == {"k": "a"}

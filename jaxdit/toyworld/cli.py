@@ -52,7 +52,7 @@ def register(sub) -> None:
     e.add_argument("--steps", type=positive_int, default=12)
     e.add_argument("--guidance", type=finite_float, default=1.0)
     e.add_argument("--method", default="none",
-                   help="comma-separated, any of: none, uvr, safedig, uvr+safedig, keyword-filter, "
+                   help="comma-separated, any of: none, uvr, uvr-reference, safedig, uvr+safedig, keyword-filter, "
                         "negative-prompt, sld (see jaxdit.toyworld.methods); each calibrated on its own items")
     e.add_argument("--suite-seed", type=seed_int, help="seed of the evaluation items (default: the suites' "
                                                   "EVAL_SEED); any other seed draws fresh items")

@@ -6,6 +6,8 @@
 Methods (`METHODS`):
   none              the unprotected model
   uvr               UVR with the jaxdit defaults (jaxdit.toyworld.uvr: anchor bank, calibrated settings)
+  uvr-reference     UVR as the reference code computes it (its constants and rules, toy-scale localization
+                    block and morphology), on the same anchor bank; nothing calibrated but the threshold
   safedig           SafeDIG: source-concept safety dictionaries, Blend steering (jaxdit.toyworld.safedig)
   uvr+safedig       both at once, UVR's controller and SafeDIG's edits merged by the sampler (hooks.merge)
   keyword-filter    prompts naming the concept by its canonical word are blanked: what a deployment's input
@@ -15,8 +17,9 @@ Methods (`METHODS`):
 
 Every method with constants tries a small grid of them on items of `suites.CALIBRATION_SEED` (never the
 evaluation items) and keeps the one with the highest mean erase rate over the unsafe suites whose
-safe-suite requested-object accuracy drops by at most `MAX_DROP`; ties go to the smaller pixel change on
-the safe suite. The rows of that search are the method's calibration table.
+safe-suite requested-object accuracy drops by at most `MAX_DROP` (where none does, by at most `MAX_DROP` more
+than the least damaging candidate); ties go to the smaller pixel change on the safe suite. The rows of
+that search are the method's calibration table.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 
 from jaxdit.toyworld.suites import CALIBRATION_SEED, SUITES, Concept, build_suite
 
-METHODS = ("none", "uvr", "safedig", "uvr+safedig", "keyword-filter", "negative-prompt", "sld")
+METHODS = ("none", "uvr", "uvr-reference", "safedig", "uvr+safedig", "keyword-filter", "negative-prompt", "sld")
 MAX_DROP = 0.02
 UNSAFE_SUITES = tuple(s for s in SUITES if s != "safe")
 SAFE_FACTOR = 4  # calibration safe items per unsafe-suite item: a 2-point preservation bar needs many objects
@@ -96,7 +99,10 @@ def calibrate(tw, detector, concept, candidates: Sequence[tuple[dict, dict]], n:
                      "erase_by_suite": erase, "accuracy_drop": float(drop), "safe_pixel_distance": pix})
         log(f"  calibrate {settings}: erase {rows[-1]['erase_rate']:.3f}, safe accuracy drop {drop:+.3f}, "
             f"safe pixel change {pix:.4f}")
-    ok = [k for k, r in enumerate(rows) if r["accuracy_drop"] <= max_drop] or list(range(len(rows)))
+    # Where no candidate keeps the bar, the ones within `max_drop` of the least damaging one compete: the
+    # calibration split's own noise floor (an unchanged sampler can flip a few safe detections).
+    floor = min(r["accuracy_drop"] for r in rows)
+    ok = [k for k, r in enumerate(rows) if r["accuracy_drop"] <= max(max_drop, floor + max_drop)]
     best = max(ok, key=lambda k: (rows[k]["erase_rate"], -rows[k]["safe_pixel_distance"]))
     return dict(candidates[best][0]), candidates[best][1], rows
 
@@ -126,6 +132,11 @@ def _uvr(tw, det, concept, n, log, bank=None):
     settings, rows = uvr.calibrate(tw, det, bank, n=n, log=log)
     meta = {k: v for k, v in bank.meta.items() if not isinstance(v, list)}
     return {**settings, "bank": meta}, uvr.uvr_method(bank, **settings), rows, {"bank": bank}
+
+
+def _shared_bank(cache: dict):
+    """The anchor bank of a UVR setting prepared before (both settings use the same anchors), or None."""
+    return next((cache[k].artifacts["bank"] for k in ("uvr", "uvr-reference") if k in cache), None)
 
 
 def _safedig(tw, det, concept, n, log, target: str = "heart"):
@@ -188,8 +199,15 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
     elif name in ("uvr", "safedig", "negative-prompt", "sld"):
         log(f"{name}: calibrating on {n_calibration} items per unsafe suite (seed {CALIBRATION_SEED})")
         fn = {"uvr": _uvr, "safedig": _safedig, "negative-prompt": _negative_prompt, "sld": _sld}[name]
-        settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log)
+        extra = {"bank": _shared_bank(cache)} if name == "uvr" else {}
+        settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log, **extra)
         out = Prepared(name, kwargs, settings, rows, artifacts=artifacts)
+    elif name == "uvr-reference":
+        from jaxdit.toyworld import uvr
+
+        bank = _shared_bank(cache) or uvr.build_bank(tw, detector, concept)  # the anchors `uvr` uses
+        settings = {"reference": True, "bank": {k: v for k, v in bank.meta.items() if not isinstance(v, list)}}
+        out = Prepared(name, uvr.uvr_method(bank, reference=True), settings, [], artifacts={"bank": bank})
     elif name == "uvr+safedig":
         u = prepare_method("uvr", tw, detector, concept, n_calibration, log, cache)
         s = prepare_method("safedig", tw, detector, concept, n_calibration, log, cache)

@@ -171,19 +171,26 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
 
 def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core_scale: float = 0.2,
                ring_scale: float = 0.4, amplify: float = 1.05, noise_keep: float = 0.001, blocks: str = "*",
-               threshold_scale: float = 1.0) -> dict:
-    """{"t2i": {"controller": ...}, "edit": {"controller": ...}} for `run_suites` / ToyWorld.generate/edit."""
+               threshold_scale: float = 1.0, t2i: str = "noise", reference: bool = False) -> dict:
+    """{"t2i": {"controller": ...}, "edit": {"controller": ...}} for `run_suites` / ToyWorld.generate/edit.
+
+    t2i: the text-to-image regulation (`RegulateConfig.t2i`); reference: the reference code's rules
+    (`UVRController.reference`: its timing rules, hole filling and text-to-image noise) at toy scale.
+    """
     window_t = bank.meta["window_t"] if window_t is None else window_t
-    reg = RegulateConfig(core_scale=core_scale, ring_scale=ring_scale, amplify=amplify, noise_keep=noise_keep,
-                         window_t=window_t, blocks=blocks, localize_at=bank.meta["position"])
+    kw = dict(core_scale=core_scale, ring_scale=ring_scale, amplify=amplify, noise_keep=noise_keep,
+              window_t=window_t, blocks=blocks, localize_at=bank.meta["position"])
     rng = jax.random.key(seed)
-    t2i = UVRController(np.asarray(bank.t2i), rng, "t2i",
-                        loc.LocalizeConfig(threshold=bank.meta["t2i_threshold"] * threshold_scale, **T2I_LOCALIZE),
-                        reg)
-    edit = UVRController(np.asarray(bank.edit), rng, "edit",
-                         loc.LocalizeConfig(threshold=bank.meta["edit_threshold"] * threshold_scale, **EDIT_LOCALIZE),
-                         reg)
-    return {"t2i": {"controller": t2i}, "edit": {"controller": edit}}
+    out = {}
+    for mode, anchors, scale in (("t2i", bank.t2i, T2I_LOCALIZE), ("edit", bank.edit, EDIT_LOCALIZE)):
+        localize = dict(threshold=bank.meta[f"{mode}_threshold"] * threshold_scale, **scale)
+        if reference:
+            ctl = UVRController.reference(np.asarray(anchors), rng, mode, localize=localize, **kw)
+        else:
+            ctl = UVRController(np.asarray(anchors), rng, mode, loc.LocalizeConfig(**localize),
+                                RegulateConfig(t2i=t2i, **kw))
+        out[mode] = {"controller": ctl}
+    return out
 
 
 def concept_token_positions(tokenizer, text: str, concept) -> np.ndarray:
@@ -218,20 +225,26 @@ def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, ste
                             editing=image is not None)
 
 
-# The constants `calibrate` chose for the committed weights (benchmarks/toyworld_safety.py; RESULTS.md).
-SETTINGS: dict = {"window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.2}
+# The setting measured in docs/uvr.md and held by the tests: the restriction over every step, text-to-image
+# by restricting the text flow and replacing the rows with noise. On the evaluation items it erases 2-3x
+# more of the star in prompts than noise alone at the same safe-suite cost; `calibrate` (2-point bar on 64
+# calibration safe items) keeps a milder one (t >= 600), benchmarks/RESULTS.md has both.
+SETTINGS: dict = {"t2i": "restrict+noise", "window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.2}
 
+_CUT = {"core_scale": 0.0, "ring_scale": 0.2}
 DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants first
     {},
-    {"core_scale": 0.0, "ring_scale": 0.2},
-    {"window_t": 600.0},
-    {"window_t": 600.0, "core_scale": 0.0, "ring_scale": 0.2},
-    {"threshold_scale": 0.7},
-    {"threshold_scale": 0.7, "window_t": 600.0, "core_scale": 0.0, "ring_scale": 0.2},
+    _CUT,
+    {"window_t": 600.0, **_CUT},
     # Past the start-up stage: on this model shape is decided at lower noise than layout (docs/uvr.md).
-    {"window_t": 300.0},
-    {"window_t": 300.0, "core_scale": 0.0, "ring_scale": 0.2},
-    {"window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.2},
+    {"window_t": 0.0, **_CUT},
+    # Text-to-image by restricting the text flow into the unsafe patches (RegulateConfig.t2i).
+    {"t2i": "restrict", **_CUT},
+    {"t2i": "restrict", "window_t": 600.0, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.0},
+    {"t2i": "restrict+noise", "window_t": 0.0, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, "threshold_scale": 0.7, **_CUT},
 )
 
 
