@@ -164,7 +164,8 @@ def restore_checkpoint(path, mesh=None, dtype=None, shardings_fn=None):
         abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                           abstract, shardings)
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # this process's first device: jax.devices()[0] belongs to process 0 in a multi-process run
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                           abstract)
     params = ckptr.restore(path / "params", abstract)
