@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from jaxdit.cli import finite_float, fraction, positive_int, seed_int
+from jaxdit.flags import finite_float, fraction, positive_int, seed_int
 
 
 def register(sub) -> None:

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from jaxdit import distributed
-from jaxdit.cli import (finite_float, fraction, fraction_below_one, non_negative_float, non_negative_int,
+from jaxdit.flags import (finite_float, fraction, fraction_below_one, non_negative_float, non_negative_int,
                         positive_float, positive_int, read_text, seed_int)
 
 

@@ -2,8 +2,8 @@
 
     'a red star at the top left and a blue heart at the bottom right on a gray background'
 
-Every word any template or synonym can produce is listed by `vocabulary()`, which the word-level
-tokenizer is built from. A caption names each object's shape, and optionally its colour, size and cell
+Every word any template or synonym can produce is listed by `tokenizer.vocabulary()`, which the word-
+level tokenizer is built from. A caption names each object's shape, and optionally its colour, size and cell
 (`detail` sets the chances), so a prompt may leave attributes to the model.
 """
 
@@ -92,17 +92,3 @@ def caption(scene: Scene, rng: np.random.Generator, detail=(0.85, 0.1, 0.8), bac
 def canonical_caption(scene: Scene) -> str:
     """Every attribute, canonical words: 'a big red star at the top left ... on a black background'."""
     return caption(scene, np.random.default_rng(0), detail=(1, 1, 1), background=1, canonical=True)[0]
-
-
-def vocabulary() -> list[str]:
-    """Every word the grammar (captions and edit instructions) can produce, sorted."""
-    from jaxdit.toyworld.edits import INSTRUCTION_WORDS
-
-    words = set()
-    for table in (SHAPE_WORDS, COLOUR_WORDS, SIZE_WORDS, CELL_WORDS, BACKGROUND_WORDS):
-        for options in table.values():
-            for o in options:
-                words.update(o.split())
-    for text in (*PREFIXES, *JOINERS, "a an on background", *INSTRUCTION_WORDS):
-        words.update(text.replace(",", " , ").split())
-    return sorted(words)

@@ -12,7 +12,7 @@ import sys
 
 
 def register(sub) -> None:
-    from jaxdit.cli import finite_float, fraction_below_one, non_negative_int, positive_float, positive_int, seed_int
+    from jaxdit.flags import finite_float, fraction_below_one, non_negative_int, positive_float, positive_int, seed_int
     from jaxdit.toyworld.train import DEFAULTS
 
     t = sub.add_parser("toyworld", help="the rendered toy world: a small trained FLUX model with exact detectors")

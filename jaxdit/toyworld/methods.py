@@ -129,7 +129,8 @@ def _uvr(tw, det, concept, n, log, bank=None):
     from jaxdit.toyworld import uvr
 
     bank = bank or uvr.build_bank(tw, det, concept)
-    settings, rows = uvr.calibrate(tw, det, bank, n=n, log=log)
+    candidates = [(s, uvr.uvr_method(bank, **s)) for s in uvr.DEFAULT_GRID]
+    settings, _, rows = calibrate(tw, det, bank.concept, candidates, n, log=log)
     meta = {k: v for k, v in bank.meta.items() if not isinstance(v, list)}
     return {**settings, "bank": meta}, uvr.uvr_method(bank, **settings), rows, {"bank": bank}
 

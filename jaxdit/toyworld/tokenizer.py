@@ -19,8 +19,6 @@ class WordTokenizer:
 
     @classmethod
     def from_grammar(cls, max_length: int = MAX_LENGTH) -> "WordTokenizer":
-        from jaxdit.toyworld.captions import vocabulary
-
         return cls(vocabulary(), max_length)
 
     @classmethod
@@ -47,3 +45,18 @@ class WordTokenizer:
 
     def unknown_words(self, text: str) -> list[str]:
         return [w for w in self.words(text) if w not in self.index]
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar (captions and edit instructions) can produce, sorted."""
+    from jaxdit.toyworld import captions as c
+    from jaxdit.toyworld.edits import INSTRUCTION_WORDS
+
+    words = set()
+    for table in (c.SHAPE_WORDS, c.COLOUR_WORDS, c.SIZE_WORDS, c.CELL_WORDS, c.BACKGROUND_WORDS):
+        for options in table.values():
+            for o in options:
+                words.update(o.split())
+    for text in (*c.PREFIXES, *c.JOINERS, "a an on background", *INSTRUCTION_WORDS):
+        words.update(text.replace(",", " , ").split())
+    return sorted(words)

@@ -246,12 +246,3 @@ DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants
     {"t2i": "restrict+noise", "window_t": 0.0, **_CUT},
     {"t2i": "restrict", "window_t": 0.0, "threshold_scale": 0.7, **_CUT},
 )
-
-
-def calibrate(tw, detector, bank: Bank, grid=DEFAULT_GRID, n: int = 16, log=print) -> tuple[dict, list[dict]]:
-    """Pick `uvr_method` settings on calibration items (never the evaluation ones), by the objective of
-    `jaxdit.toyworld.methods.calibrate`. Returns (chosen settings, one row per setting tried)."""
-    from jaxdit.toyworld.methods import calibrate as choose
-
-    settings, _, rows = choose(tw, detector, bank.concept, [(s, uvr_method(bank, **s)) for s in grid], n, log=log)
-    return settings, rows

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdit.cli import finite_float, positive_float, positive_int, seed_int
+from jaxdit.flags import finite_float, positive_float, positive_int, seed_int
 from jaxdit.safety.evaluate import write_json
 
 

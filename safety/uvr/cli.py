@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdit.cli import finite_float, fraction, non_negative_float, positive_int, read_image, read_text, seed_int
+from jaxdit.flags import finite_float, fraction, non_negative_float, positive_int, read_image, read_text, seed_int
 
 
 def register(sub) -> None:
