@@ -159,6 +159,25 @@ def read_torch_checkpoint(path, dtype=None, config=None, allow_nonfinite: bool =
     return config, params
 
 
+def read_config(path):
+    """The transformer config of a jaxdit checkpoint, a diffusers model folder or a pipeline folder,
+    without reading any weights."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        path = path / "transformer"
+    if ckpt.is_checkpoint(path):
+        return ckpt.load_config(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: not a jaxdit checkpoint, a diffusers model folder (config.json) or a "
+                              "pipeline folder (model_index.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+        return _family_for_class(raw.get("_class_name", "?"), cfg_file).config_from_diffusers(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
 def load_transformer(path, mesh=None, dtype=None, config=None):
     """(config, params) from any supported checkpoint form.
 

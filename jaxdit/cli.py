@@ -2,6 +2,7 @@
 
     jaxdit convert SRC OUT [--dtype bfloat16] [--overwrite]
     jaxdit parity (--preset NAME | --model DIR) [--dtype float32|bfloat16] [--json]
+    jaxdit positions (--preset NAME | --model DIR) [--size N] [--text-tokens N] [--context] [--json]
     jaxdit generate --model DIR --prompt TEXT --out PNG [--seed --steps --size --guidance --dtype]
     jaxdit edit --model DIR --image IN --prompt TEXT --out PNG [...]
     jaxdit uvr anchors --model DIR --concept NAME --prompts FILE --out BANK
@@ -63,6 +64,26 @@ def _parity(args) -> int:
     if args.max_rel is not None and report.output.rel > args.max_rel:
         print(f"FAIL: output relative error {report.output.rel:.3e} > --max-rel {args.max_rel:g}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _positions(args) -> int:
+    from jaxdit.configs import get_config
+    from jaxdit.positions import hook_positions, table
+
+    if args.preset is not None:
+        config = get_config(args.preset)
+    else:
+        from jaxdit.convert.loader import read_config
+
+        config = read_config(args.model)
+    height, width = args.size
+    rows = hook_positions(config, height, width, args.text_tokens, args.context, args.batch)
+    if args.json:
+        print(json.dumps([{"position": r.pattern, "shape": list(r.shape), "dtype": r.dtype, "layers": list(r.layers)}
+                          for r in rows], indent=2))
+    else:
+        print(table(rows))
     return 0
 
 
@@ -175,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report as JSON to FILE (or stdout when no FILE is given)")
     r.add_argument("--max-rel", type=non_negative_float, help="exit 1 if the output relative error exceeds this")
     r.set_defaults(fn=_parity)
+
+    q = sub.add_parser("positions", help="every hook position of a model and its shape for a size and text length",
+                       description="Shapes are traced through the model's forward (nothing is computed or "
+                                   "loaded but the config); names are those of --capture, harvest and SAEs.")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS))
+    src.add_argument("--model", help="a jaxdit checkpoint, diffusers transformer folder or pipeline folder")
+    q.add_argument("--size", type=_size, default=(1024, 1024), help="N or WIDTHxHEIGHT in pixels (default 1024)")
+    q.add_argument("--text-tokens", type=positive_int,
+                   help="text sequence length (default: 512 for FLUX, 333 for SD3: CLIP 77 + T5 256)")
+    q.add_argument("--context", action="store_true", help="with Kontext context-image tokens (FLUX)")
+    q.add_argument("--batch", type=positive_int, default=1)
+    q.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    q.set_defaults(fn=_positions)
 
     for name, editing in (("generate", False), ("edit", True)):
         g = sub.add_parser(name, help="edit an image with FLUX.1 Kontext" if editing else "text-to-image",
