@@ -22,7 +22,7 @@ import functools
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,7 @@ PREFERRED_KONTEXT_RESOLUTIONS = [  # (width, height): what Kontext was trained o
     (1568, 672),
 ]
 
-HooksArg = hk.Hooks | Callable[[jax.Array], hk.Hooks] | None
-
-
-def _hooks_at(hooks: HooksArg, step: jax.Array) -> hk.Hooks | None:
-    if hooks is None:
-        return None
-    h = hooks(step) if callable(hooks) else hooks
-    return h.replace(step=step)
+HooksArg = sampling.HooksArg
 
 
 def _component(root: Path, name: str, required: bool = True) -> Path | None:
@@ -398,25 +391,14 @@ def _flux_sample(params, latents, embeds, pooled, guidance, sigmas, timesteps, i
     n_noise = latents.shape[1]
     n_ctx = 0 if context is None else context.shape[1]
 
-    def forward(x, t, i, step_hooks):
+    def velocity(x, t, i, step_hooks, aux):
         tokens = x if context is None else jnp.concatenate([x, context], axis=1)
         v, caps = flux.forward(params, config, tokens, embeds, pooled, jnp.full((x.shape[0],), t / 1000), img_ids,
                                txt_ids, guidance, step_hooks, n_ctx)
-        return v[:, :n_noise], caps
+        return v[:, :n_noise], caps, aux
 
-    user = lambda i: _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)  # noqa: E731
-    if controller is None:
-        return sampling.euler_sample(lambda x, t, i: forward(x, t, i, user(i))[0], latents, sigmas, timesteps,
-                                     on_step)
-
-    def denoise(x, t, i, state):
-        step_hooks = hk.merge(user(i), controller.hooks(state, i, t, geometry)).replace(step=i)
-        v, caps = forward(x, t, i, step_hooks)
-        return v, controller.update(state, caps, i, t, geometry)
-
-    out, _ = sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step,
-                                   state=controller.init(latents.shape[0], geometry))
-    return out
+    return sampling.controlled_euler(velocity, latents, sigmas, timesteps, hooks_fn if hooks_fn is not None else hooks,
+                                     controller, geometry, on_step=on_step)[0]
 
 
 @dataclasses.dataclass
@@ -536,27 +518,17 @@ def _sd3_sample(params, latents, embeds, pooled, guidance_scale, sigmas, timeste
     sees and steers both halves)."""
     from jaxdit import sd3
 
-    user = lambda i: _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)  # noqa: E731
-
-    def velocity(x, t, step_hooks):
+    def velocity(x, t, i, step_hooks, aux):
         x_in = jnp.concatenate([x, x]) if cfg_on else x
         v, caps = sd3.forward(params, config, x_in, embeds, pooled, jnp.full((x_in.shape[0],), t), step_hooks)
         if cfg_on:
             uncond, cond = jnp.split(v, 2)
             v = sampling.cfg_combine(uncond, cond, guidance_scale)
-        return v, caps
+        return v, caps, aux
 
-    if controller is None:
-        return sampling.euler_sample(lambda x, t, i: velocity(x, t, user(i))[0], latents, sigmas, timesteps, on_step)
-
-    def denoise(x, t, i, state):
-        v, caps = velocity(x, t, hk.merge(user(i), controller.hooks(state, i, t, geometry)).replace(step=i))
-        return v, controller.update(state, caps, i, t, geometry)
-
-    batch = latents.shape[0] * (2 if cfg_on else 1)
-    out, _ = sampling.euler_sample(denoise, latents, sigmas, timesteps, on_step,
-                                   state=controller.init(batch, geometry))
-    return out
+    return sampling.controlled_euler(velocity, latents, sigmas, timesteps, hooks_fn if hooks_fn is not None else hooks,
+                                     controller, geometry, controller_batch=latents.shape[0] * (2 if cfg_on else 1),
+                                     on_step=on_step)[0]
 
 
 PIPELINES = {"FluxPipeline": FluxPipeline, "FluxKontextPipeline": FluxKontextPipeline,

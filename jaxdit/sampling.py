@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit import hooks as hk
+
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                 "stochastic_sampling")
 
@@ -145,6 +147,50 @@ def euler_sample(denoise: Denoiser, latents: jax.Array, sigmas: jax.Array, times
 
     (out, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(timesteps.shape[0], dtype=jnp.int32))
     return (out, state) if stateful else out
+
+
+HooksArg = hk.Hooks | Callable[[jax.Array], hk.Hooks] | None  # fixed, or a function of the step index
+
+
+def hooks_at(hooks: HooksArg, step: jax.Array) -> hk.Hooks | None:
+    """The user's Hooks for one step (a fixed value or a function of the step), carrying that step."""
+    if hooks is None:
+        return None
+    h = hooks(step) if callable(hooks) else hooks
+    return h.replace(step=step)
+
+
+def controlled_euler(velocity: Callable, latents: jax.Array, sigmas: jax.Array, timesteps: jax.Array,
+                     hooks: HooksArg = None, controller: "hk.Controller | None" = None,
+                     geometry: "hk.Geometry | None" = None, *, aux: Any = None, controller_batch: int | None = None,
+                     on_step: Callable[[jax.Array], None] | None = None):
+    """The one denoising loop of every pipeline: Euler steps (`euler_sample`) of
+    velocity(x, timestep, step_index, step_hooks, aux) -> (velocity, captures, aux), where step_hooks
+    are the user's `hooks` at that step merged with the `controller`'s (`hk.Controller`: its hooks from
+    the state before the step, its state updated from the step's captures after it) and `aux` is the
+    caller's own carried state (e.g. a guidance momentum). `controller_batch`: the batch the controller
+    sees (default: the latents'; larger when the caller runs several branches per step).
+
+    Returns (latents, final controller state or None).
+    """
+    if controller is None and aux is None:
+        out = euler_sample(lambda x, t, i: velocity(x, t, i, hooks_at(hooks, i), None)[0], latents, sigmas,
+                           timesteps, on_step)
+        return out, None
+
+    def denoise(x, t, i, state):
+        ctrl, carried = state
+        step_hooks = hooks_at(hooks, i)
+        if controller is not None:
+            step_hooks = hk.merge(step_hooks, controller.hooks(ctrl, i, t, geometry)).replace(step=i)
+        v, caps, carried = velocity(x, t, i, step_hooks, carried)
+        if controller is not None:
+            ctrl = controller.update(ctrl, caps, i, t, geometry)
+        return v, (ctrl, carried)
+
+    start = (None if controller is None else controller.init(controller_batch or latents.shape[0], geometry), aux)
+    out, (ctrl, _) = euler_sample(denoise, latents, sigmas, timesteps, on_step, state=start)
+    return out, ctrl
 
 
 def cfg_combine(uncond: jax.Array, cond: jax.Array, scale) -> jax.Array:

@@ -129,13 +129,6 @@ class ToyWorld:
                          negative_prompt, safety_guidance)
 
 
-def _hooks_at(hooks, step):
-    if hooks is None:
-        return None
-    h = hooks(step) if callable(hooks) else hooks
-    return h.replace(step=step)
-
-
 @dataclasses.dataclass(frozen=True)
 class SafetyGuidance:
     """Safe latent diffusion (Schramowski et al., CVPR 2023) in velocity space: guidance away from the
@@ -186,29 +179,14 @@ def _sample(params, noise, ids, mask, context, sigmas, timesteps, guidance, hook
     if context is not None and branches > 1:
         context = jnp.concatenate([context] * branches)
 
-    def forward(x, t, step_hooks):
+    def velocity(x, t, i, step_hooks, momentum):
         xx = jnp.concatenate([x] * branches) if branches > 1 else x
         tokens = xx if context is None else jnp.concatenate([xx, context], axis=1)
         v, caps = flux.forward(params["transformer"], fcfg, tokens, h, pooled, jnp.full((xx.shape[0],), t / 1000),
                                tokens_ids, txt_ids, None, step_hooks, n_ctx)
-        return jnp.split(v[:, : x.shape[1]], branches), caps
+        v, momentum = _combine(jnp.split(v[:, : x.shape[1]], branches), guidance, sld, i, momentum)
+        return v, caps, momentum
 
-    user = lambda i: _hooks_at(hooks_fn if hooks_fn is not None else hooks, i)  # noqa: E731
-    if controller is None and sld is None:
-        return sampling.euler_sample(lambda x, t, i: _combine(forward(x, t, user(i))[0], guidance, None, i, None)[0],
-                                     noise, sigmas, timesteps), None
-
-    def denoise(x, t, i, state):
-        ctrl, momentum = state
-        step_hooks = user(i) if controller is None else \
-            hk.merge(user(i), controller.hooks(ctrl, i, t, geometry)).replace(step=i)
-        vs, caps = forward(x, t, step_hooks)
-        v, momentum = _combine(vs, guidance, sld, i, momentum)
-        if controller is not None:
-            ctrl = controller.update(ctrl, caps, i, t, geometry)
-        return v, (ctrl, momentum)
-
-    start = (None if controller is None else controller.init(ids.shape[0], geometry),
-             None if sld is None else jnp.zeros_like(noise))
-    out, (ctrl, _) = sampling.euler_sample(denoise, noise, sigmas, timesteps, state=start)
-    return out, ctrl
+    return sampling.controlled_euler(velocity, noise, sigmas, timesteps, hooks_fn if hooks_fn is not None else hooks,
+                                     controller, geometry, aux=None if sld is None else jnp.zeros_like(noise),
+                                     controller_batch=ids.shape[0])
