@@ -159,6 +159,27 @@ def read_torch_checkpoint(path, dtype=None, config=None, allow_nonfinite: bool =
     return config, params
 
 
+def config_from_file(path):
+    """A transformer config from a JSON file: a diffusers config.json (`_class_name`) or a jaxdit one
+    (`family`, as jaxdit checkpoints store it)."""
+    from jaxdit.configs import config_from_json
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+        if "family" in raw:
+            return config_from_json(raw)
+        if "_class_name" not in raw:
+            raise ValueError("neither a diffusers config (_class_name) nor a jaxdit one (family)")
+        return _family_for_class(raw["_class_name"], path).config_from_diffusers(raw)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def read_config(path):
     """The transformer config of a jaxdit checkpoint, a diffusers model folder or a pipeline folder,
     without reading any weights."""
@@ -167,15 +188,10 @@ def read_config(path):
         path = path / "transformer"
     if ckpt.is_checkpoint(path):
         return ckpt.load_config(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+    if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a jaxdit checkpoint, a diffusers model folder (config.json) or a "
                               "pipeline folder (model_index.json)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-        return _family_for_class(raw.get("_class_name", "?"), cfg_file).config_from_diffusers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    return config_from_file(path / "config.json")
 
 
 def load_transformer(path, mesh=None, dtype=None, config=None):

@@ -31,8 +31,10 @@ from jaxdit.flags import Parser, UsageError, finite_float, non_negative_float, p
 
 def _convert(args) -> int:
     from jaxdit.convert import convert
+    from jaxdit.convert.loader import config_from_file
 
-    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+    config = None if args.config is None else config_from_file(args.config)
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, config=config,
                   allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
     return 0
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("--allow-nonfinite", action="store_true",
                    help="write weights holding NaN or inf (refused by default, naming the first such tensor)")
+    c.add_argument("--config", metavar="JSON",
+                   help="the transformer's config (diffusers config.json or jaxdit JSON) where a single file "
+                        "does not say it, e.g. SD3 without qk-norm whose width is not 64 x depth")
     c.set_defaults(fn=_convert)
 
     r = sub.add_parser("parity", help="per-block numerical comparison against the diffusers model")

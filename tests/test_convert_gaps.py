@@ -63,6 +63,31 @@ def test_sd3_file_without_qk_norm_needs_its_heads(tmp_path):
     assert err <= FP32_TOL, err
 
 
+def test_sd3_file_without_qk_norm_converts_with_a_config_file(tmp_path, capsys):
+    import json
+
+    from jaxdit.cli import main
+    from jaxdit.convert.checkpoint import load_config
+
+    cfg = PIPELINE_TEST_SD3
+    file = tmp_path / "sd3.safetensors"
+    save_file(to_sai({k: v.contiguous() for k, v in sd3_twin(cfg, seed=4).state_dict().items()}, cfg), file)
+    diffusers_json = tmp_path / "config.json"
+    diffusers_json.write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **cfg.to_diffusers()}))
+    assert main(["convert", str(file), str(tmp_path / "a"), "--config", str(diffusers_json)]) == 0
+    assert load_config(tmp_path / "a") == cfg
+    jaxdit_json = tmp_path / "jaxdit.json"
+    jaxdit_json.write_text(json.dumps(cfg.to_json()))
+    assert main(["convert", str(file), str(tmp_path / "b"), "--config", str(jaxdit_json)]) == 0
+    assert load_config(tmp_path / "b") == cfg
+    capsys.readouterr()
+    assert main(["convert", str(file), str(tmp_path / "c")]) == 2
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["convert", str(file), str(tmp_path / "c"), "--config", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--config JSON" in err[0] and "bad.json" in err[1] and not (tmp_path / "c").exists()
+
+
 def test_sd3_file_of_sai_width_is_read_without_config(tmp_path):
     cfg = get_config("tiny-sd3").replace(num_layers=1, num_attention_heads=1, attention_head_dim=64,
                                          caption_projection_dim=64)

@@ -155,8 +155,8 @@ def infer_original_config(source) -> SD3Config:
             f"{source.path}: no qk-norm weights to read the head size from, and the width {hidden} "
             f"(x_embedder.proj.weight {shape('x_embedder.proj.weight')}) is not {SAI_HEAD_DIM} x depth "
             f"{depth} = {SAI_HEAD_DIM * depth} as in SAI's models, so the heads are unknown; pass config= (an "
-            "SD3Config with num_attention_heads and attention_head_dim) to load_transformer / convert, or "
-            "convert the diffusers folder with its config.json")
+            "SD3Config with num_attention_heads and attention_head_dim) to load_transformer / convert, "
+            "--config JSON to jaxdit convert, or convert the diffusers folder with its config.json")
     table = shape("pos_embed")[1]
     max_size = int(round(table ** 0.5))
     if max_size * max_size != table:
