@@ -140,8 +140,13 @@ def context_restriction(layout: hk.TokenLayout, core_ctx: jax.Array, ring_ctx: j
     labels = jnp.where(core_ctx, 1, jnp.where(ring_ctx, 2, 0)).astype(jnp.int32)
     groups = hk.token_groups(layout, ctx_labels=labels, num_img_labels=1, num_ctx_labels=3)
     found = jnp.logical_or(jnp.any(core_ctx | ring_ctx, axis=-1), even_if_empty)
-    on = jnp.logical_and(active, found)[:, None, None, None]  # [B, 1, 1, 1]
-    scale = jnp.where(on, jnp.asarray(restriction_scale(config)), 1.0)
+    return _group_mask(groups, restriction_scale(config), jnp.logical_and(active, found), config)
+
+
+def _group_mask(groups: jax.Array, scale: np.ndarray, on: jax.Array, config: RegulateConfig) -> hk.AttentionMask:
+    """The post-softmax (query group, key group) `scale` for the images where `on` ([B] bool), identity
+    for the others; with `config.renormalise`, the additive bias log(scale) instead."""
+    scale = jnp.where(on[:, None, None, None], jnp.asarray(scale), 1.0)  # [B, 1, G, G]
     if config.renormalise:
         return hk.AttentionMask(groups, bias=jnp.log(scale), layers=config.blocks)
     return hk.AttentionMask(groups, scale=scale, layers=config.blocks)
@@ -157,11 +162,7 @@ def text_restriction(layout: hk.TokenLayout, core_gen: jax.Array, ring_gen: jax.
     groups = hk.token_groups(layout, img_labels=labels, num_img_labels=3)
     s = np.ones((5, 5), np.float32)
     s[GEN_CORE, TEXT], s[GEN_RING, TEXT] = config.core_scale, config.ring_scale
-    on = jnp.logical_and(active, jnp.any(core_gen | ring_gen, axis=-1))[:, None, None, None]
-    scale = jnp.where(on, jnp.asarray(s), 1.0)
-    if config.renormalise:
-        return hk.AttentionMask(groups, bias=jnp.log(scale), layers=config.blocks)
-    return hk.AttentionMask(groups, scale=scale, layers=config.blocks)
+    return _group_mask(groups, s, jnp.logical_and(active, jnp.any(core_gen | ring_gen, axis=-1)), config)
 
 
 def _noise_rows(params, x, ctx: hk.HookContext):
