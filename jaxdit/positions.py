@@ -78,9 +78,12 @@ def hook_positions(config, height: int = 1024, width: int = 1024, text_tokens: i
         p = hk.Position.parse(name)
         groups[(p.stack, p.stream, p.site)].append((p.layer, tuple(value.shape), str(value.dtype)))
     total = mod.num_layers(config)
-    order = {n: i for i, n in enumerate(names)}
     rows = []
-    for (stack, stream, site), items in sorted(groups.items(), key=lambda kv: order[f"{kv[0][0]}.*.{kv[0][1]}.{kv[0][2]}"]):
+    for name in names:  # the table's order; positions a model never reaches have no row
+        stack, _, stream, site = name.split(".")
+        items = groups.get((stack, stream, site))
+        if not items:
+            continue
         kinds = {(shape, dtype) for _, shape, dtype in items}
         if len(kinds) == 1:
             (shape, dtype), = kinds
