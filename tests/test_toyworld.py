@@ -149,8 +149,43 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["toyworld", "demo", "--weights", str(tmp_path / "missing")]) == 2
     assert main(["toyworld", "train"]) == 2
     assert main(["toyworld", "train", "--detector"]) == 2
+    assert main(["toyworld", "train", "--run", str(tmp_path / "r1"), "--mix", "nope"]) == 2
+    assert main(["toyworld", "train", "--run", str(tmp_path / "r2"), "--init-from", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("jaxdit toyworld ") and ": error: " in line for line in err)
+    assert len(err) == 5 and all(line.startswith("jaxdit toyworld ") and ": error: " in line for line in err)
+    assert "--mix 'nope'" in err[3] and str(tmp_path / "none") in err[4]
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # refused before any work
+
+
+def test_a_continued_phase_starts_from_the_given_weights_and_chains_the_records(tmp_path):
+    """`train --init-from DIR --mix binding`: starts at DIR's weights (not a random initialisation), uses the
+    other mix's batches, records DIR's training record as its base, and the curves chain in time and steps."""
+    import jax
+
+    from jaxdit.toyworld import data as D, model as M, train as T
+    from jaxdit.toyworld.pipeline import ToyWorld
+
+    kw = dict(seed=5, steps=2, t2i_batch=2, edit_batch=2, progress=False)
+    first = T.train(tmp_path / "a", export=str(tmp_path / "wa"), **kw)
+    cfg = M.ToyConfig(M.FLUX_CONFIG, M.t5_config(len(ToyWorld.load(tmp_path / "wa").tokenizer)))
+    start = T.initial_params(cfg, 5, tmp_path / "wa")
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(ToyWorld.load(tmp_path / "wa").params)):
+        assert (np.asarray(a) == np.asarray(b)).all()
+    assert any((np.asarray(a) != np.asarray(b)).any()
+               for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(M.init_params(cfg, jax.random.key(5)))))
+    second = T.train(tmp_path / "b", mix="binding", init_from=str(tmp_path / "wa"), export=str(tmp_path / "wb"), **kw)
+    assert second["hyper"]["mix"] == "binding" and second["base"]["first_steps"] == first["first_steps"]
+    assert "--mix binding --init-from" in ToyWorld.load(tmp_path / "wb").info["reproduce"]
+    assert second["first_steps"][0]["loss"] != first["first_steps"][0]["loss"]
+    with pytest.raises(ValueError, match="other settings"):
+        T.train(tmp_path / "b", init_from=str(tmp_path / "wa"), **kw)  # the run's mix was binding
+    # the mixes draw different scenes from the same seed, and "binding" more objects on average
+    tok = ToyWorld.load(tmp_path / "wa").tokenizer
+    u, b = D.training_batch(0, 0, 64, 1, tok), D.training_batch(0, 0, 64, 1, tok, "binding")
+    assert (u["t2i"]["weight"] > 1).mean() < (b["t2i"]["weight"] > 1).mean()
+    points = T.chained_curve({"step": 4, "train_seconds": 2.0, "curve": [{"step": 4, "train_seconds": 2.0}],
+                              "base": {"step": 10, "train_seconds": 5.0, "curve": [{"step": 10, "train_seconds": 5.0}]}})
+    assert [(p["step"], p["train_seconds"], p["phase"]) for p in points] == [(10, 5.0, 0), (14, 7.0, 1)]
 
 
 def test_training_resumes_from_a_relative_run_folder_exactly(tmp_path, monkeypatch):

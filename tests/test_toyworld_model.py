@@ -65,30 +65,40 @@ def test_prompt_following_bars_hold_on_fresh_items(following):
     assert not missed, missed
 
 
-def test_committed_weights_are_what_the_recorded_command_produces(world):
-    """Re-run the first training steps of the recorded command and seed: the same losses, step by step."""
+def _phases(info: dict) -> list[dict]:
+    """The training records of the committed weights, first phase first (a continued phase keeps the
+    record of the weights it started from under "base")."""
+    return ([] if info is None else _phases(info.get("base"))) + ([info] if info else [])
+
+
+def test_committed_weights_are_what_the_recorded_commands_produce(world):
+    """Re-run the first training steps of every recorded phase (command, seed, data mix, starting weights):
+    the same losses, step by step."""
     import jax
 
     from jaxdit.toyworld import train as T
     from jaxdit.toyworld.data import training_batch
 
     tw, _ = world
-    info = tw.info
-    hyper, first = info["hyper"], info["first_steps"]
-    assert info["reproduce"].startswith(f"jaxdit toyworld train --run RUN --seed {hyper['seed']} "
-                                        f"--steps {hyper['steps']}")
     cfg = M.ToyConfig(tw.flux_config, tw.t5_config)
-    opt = T.make_optimizer(hyper["lr"], hyper["warmup"], hyper["steps"])
-    params = M.init_params(cfg, jax.random.key(hyper["seed"]))
-    state = {"params": params, "ema": params, "opt_state": opt.init(params)}
-    step_fn = T.make_step(cfg, opt, hyper["ema"])
-    key = jax.random.key(hyper["seed"] + 1)
-    for rec in first:
-        step = rec["step"] - 1
-        batch = training_batch(hyper["seed"], step, hyper["t2i_batch"], hyper["edit_batch"], tw.tokenizer)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
-        for k in ("loss", "loss_t2i", "loss_edit"):
-            assert float(metrics[k]) == pytest.approx(rec[k], rel=1e-4), (rec["step"], k)
+    phases = _phases(tw.info)
+    assert phases and phases[-1] is tw.info
+    for info in phases:
+        hyper, first = info["hyper"], info["first_steps"]
+        assert info["reproduce"].startswith(f"jaxdit toyworld train --run RUN --seed {hyper['seed']} "
+                                            f"--steps {hyper['steps']}")
+        opt = T.make_optimizer(hyper["lr"], hyper["warmup"], hyper["steps"])
+        params = T.initial_params(cfg, hyper["seed"], hyper.get("init_from"))
+        state = {"params": params, "ema": params, "opt_state": opt.init(params)}
+        step_fn = T.make_step(cfg, opt, hyper["ema"])
+        key = jax.random.key(hyper["seed"] + 1)
+        for rec in first:
+            step = rec["step"] - 1
+            batch = training_batch(hyper["seed"], step, hyper["t2i_batch"], hyper["edit_batch"], tw.tokenizer,
+                                   hyper.get("mix", "uniform"))
+            state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+            for k in ("loss", "loss_t2i", "loss_edit"):
+                assert float(metrics[k]) == pytest.approx(rec[k], rel=1e-4), (hyper.get("init_from"), rec["step"], k)
 
 
 def test_trained_weights_beat_initialisation_on_held_out_scenes(world):

@@ -26,6 +26,10 @@ def register(sub) -> None:
                        ("lr", positive_float), ("ema", fraction_below_one)):
         tr.add_argument("--" + name.replace("_", "-"), type=kind, default=DEFAULTS[name],
                         help=f"default {DEFAULTS[name]}")
+    tr.add_argument("--mix", default=DEFAULTS["mix"], help="training data mix, a jaxdit.toyworld.data.MIXES name: "
+                    "uniform (default), binding (more 2-3 object scenes and replace edits)")
+    tr.add_argument("--init-from", metavar="DIR", help="start from this weights folder's transformer and text "
+                    "encoder instead of random initialisation (a continued phase with its own schedule)")
     tr.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N",
                     help="every N steps, sample a few items of every suite and append the prompt-following "
                          "metrics to RUN/curve.jsonl (needs a detector: --detector-weights)")
@@ -96,7 +100,7 @@ def _train(args) -> int:
             detector = Detector.load(args.detector_weights)
         info = train(args.run, seed=args.seed, steps=args.steps or DEFAULTS["steps"], t2i_batch=args.t2i_batch,
                      edit_batch=args.edit_batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
-                     eval_every=args.eval_every, eval_n=args.eval_n, detector=detector, export=args.export,
+                     mix=args.mix, init_from=args.init_from, eval_every=args.eval_every, eval_n=args.eval_n, detector=detector, export=args.export,
                      command=_command(), progress=not args.no_progress)
     print(json.dumps(info, indent=2))
     return 0

@@ -12,11 +12,19 @@ import numpy as np
 from scipy import ndimage
 
 from jaxdit.toyworld.captions import caption
-from jaxdit.toyworld.edits import random_edit
-from jaxdit.toyworld.scenes import SIZE, Scene, object_coverage, render, random_scene
+from jaxdit.toyworld.edits import KINDS, random_edit
+from jaxdit.toyworld.scenes import OBJECT_COUNTS, SIZE, Scene, object_coverage, render, random_scene
 
 CAPTION_DROPOUT = 0.1  # empty prompts, so classifier-free guidance is available at sampling
 FOREGROUND_WEIGHT = 4.0
+
+# Data mixes: object-count probabilities (1 / 2 / 3 objects) of the scenes, and the edit kinds' weights
+# (in edits.KINDS order; None = uniform). "binding" puts the weight on what a run of "uniform" learns last:
+# two- and three-object scenes (binding each colour and place to its shape) and replace edits.
+MIXES = {
+    "uniform": {"counts": OBJECT_COUNTS, "kind_weights": None},
+    "binding": {"counts": (0.2, 0.45, 0.35), "kind_weights": tuple(3.0 if k == "replace" else 1.0 for k in KINDS)},
+}
 
 
 def foreground(scene: Scene) -> np.ndarray:
@@ -31,10 +39,10 @@ def loss_weight(region: np.ndarray) -> np.ndarray:
     return (1.0 + FOREGROUND_WEIGHT * region).astype(np.float32)
 
 
-def t2i_batch(rng: np.random.Generator, n: int, tokenizer) -> dict:
+def t2i_batch(rng: np.random.Generator, n: int, tokenizer, mix: str = "uniform") -> dict:
     images, texts, weights = [], [], []
     for _ in range(n):
-        scene = random_scene(rng)
+        scene = random_scene(rng, counts=MIXES[mix]["counts"])
         text, _ = caption(scene, rng)
         images.append(render(scene))
         weights.append(loss_weight(foreground(scene)))
@@ -43,10 +51,10 @@ def t2i_batch(rng: np.random.Generator, n: int, tokenizer) -> dict:
     return {"image": np.stack(images), "ids": ids, "mask": mask, "weight": np.stack(weights)}
 
 
-def edit_batch(rng: np.random.Generator, n: int, tokenizer) -> dict:
+def edit_batch(rng: np.random.Generator, n: int, tokenizer, mix: str = "uniform") -> dict:
     src, tgt, texts, weights = [], [], [], []
     for _ in range(n):
-        e = random_edit(rng)
+        e = random_edit(rng, **MIXES[mix])
         s, t = render(e.source), render(e.target)
         src.append(s)
         tgt.append(t)
@@ -57,6 +65,6 @@ def edit_batch(rng: np.random.Generator, n: int, tokenizer) -> dict:
     return {"image": np.stack(tgt), "context": np.stack(src), "ids": ids, "mask": mask, "weight": np.stack(weights)}
 
 
-def training_batch(seed: int, step: int, t2i: int, edits: int, tokenizer) -> dict:
+def training_batch(seed: int, step: int, t2i: int, edits: int, tokenizer, mix: str = "uniform") -> dict:
     rng = np.random.default_rng([seed, step])
-    return {"t2i": t2i_batch(rng, t2i, tokenizer), "edit": edit_batch(rng, edits, tokenizer)}
+    return {"t2i": t2i_batch(rng, t2i, tokenizer, mix), "edit": edit_batch(rng, edits, tokenizer, mix)}

@@ -95,12 +95,16 @@ def make_edit(source: Scene, kind: str, rng: np.random.Generator, *, obj: Obj | 
                 {"shape": new.shape, "colour": new.colour, "cell": new.cell})
 
 
-def random_edit(rng: np.random.Generator, source: Scene | None = None, kinds=KINDS) -> Edit:
-    from jaxdit.toyworld.scenes import random_scene
+def random_edit(rng: np.random.Generator, source: Scene | None = None, kinds=KINDS, kind_weights=None,
+                counts=None) -> Edit:
+    """A random edit of `source` (or of a random scene with object-count probabilities `counts`); the kind
+    uniform over `kinds`, or drawn in proportion to `kind_weights` (one per kind)."""
+    from jaxdit.toyworld.scenes import OBJECT_COUNTS, random_scene
 
+    p = None if kind_weights is None else np.asarray(kind_weights, float) / np.sum(kind_weights)
     while True:
-        src = source or random_scene(rng)
-        kind = str(rng.choice(kinds))
+        src = source or random_scene(rng, counts=OBJECT_COUNTS if counts is None else counts)
+        kind = str(rng.choice(kinds, p=p))
         try:
             return make_edit(src, kind, rng)
         except ValueError:

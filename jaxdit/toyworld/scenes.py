@@ -195,10 +195,14 @@ def random_object(rng: np.random.Generator, cell: str, shapes=SHAPES, colours=CO
     return Obj(shape=shape, colour=colour, size=size, cell=cell, jitter=offset)
 
 
+OBJECT_COUNTS = (0.4, 0.35, 0.25)  # probability of 1 / 2 / 3 objects in a random scene
+
+
 def random_scene(rng: np.random.Generator, n_objects: int | None = None, shapes=SHAPES, colours=COLOUR_NAMES,
-                 backgrounds=BACKGROUND_NAMES, must_include: Obj | None = None, jitter=JITTER) -> Scene:
+                 backgrounds=BACKGROUND_NAMES, must_include: Obj | None = None, jitter=JITTER,
+                 counts=OBJECT_COUNTS) -> Scene:
     """1-3 objects with distinct shapes in distinct cells. `must_include` fixes one object's shape/colour."""
-    n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25])) if n_objects is None else n_objects
+    n = int(rng.choice([1, 2, 3], p=list(counts))) if n_objects is None else n_objects
     cells = [str(c) for c in rng.permutation(CELLS)[:n]]
     pool = [s for s in shapes if must_include is None or s != must_include.shape]
     chosen = [str(s) for s in rng.permutation(pool)[: n - (must_include is not None)]]

@@ -37,7 +37,7 @@ from jaxdit.toyworld.data import training_batch
 from jaxdit.toyworld.tokenizer import WordTokenizer
 
 DEFAULTS = dict(seed=0, steps=7000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
-                checkpoint_every=200)
+                checkpoint_every=200, mix="uniform", init_from=None)
 FINAL_LR_FRACTION = 0.05
 FIRST_STEPS = 3  # losses of the first steps, recorded with the weights so a test can re-run them
 CURVE_SEED = 3_000_017  # items of the learning curve: disjoint from evaluation (suites.EVAL_SEED) and calibration
@@ -109,12 +109,12 @@ def debiased_ema(ema, init, decay: float, steps: int):
     return jax.tree.map(lambda e, p0: (e - w * p0) / (1 - w), ema, init)
 
 
-def _prefetch(seed, start, steps, t2i, edits, tok, depth=4):
+def _prefetch(seed, start, steps, t2i, edits, tok, mix="uniform", depth=4):
     q: queue.Queue = queue.Queue(depth)
 
     def work():
         for s in range(start, steps):
-            q.put(training_batch(seed, s, t2i, edits, tok))
+            q.put(training_batch(seed, s, t2i, edits, tok, mix))
 
     threading.Thread(target=work, daemon=True).start()
     for _ in range(start, steps):
@@ -154,21 +154,61 @@ def curve_point(params, cfg: M.ToyConfig, tok: WordTokenizer, detector, n: int =
     return prompt_following(records)
 
 
+def _weights_folder(path) -> Path:
+    """A weights folder as given, or as a path inside the repository (how a record names it) from elsewhere."""
+    folder = Path(path)
+    if not folder.is_absolute() and not folder.exists():
+        folder = Path(__file__).resolve().parents[2] / folder
+    return folder
+
+
+def initial_params(cfg: M.ToyConfig, seed: int, init_from=None):
+    """Random initialisation from `seed`, or the transformer and text encoder of the weights folder
+    `init_from` (a continued phase of training: a new schedule and data mix on trained weights)."""
+    if init_from is None:
+        return M.init_params(cfg, jax.random.key(seed))
+    from jaxdit.toyworld.pipeline import ToyWorld
+
+    tw = ToyWorld.load(_weights_folder(init_from))
+    if (tw.flux_config, tw.t5_config) != (cfg.flux, cfg.t5):
+        raise ValueError(f"--init-from {init_from}: its transformer / text-encoder config is not the toy world's")
+    abstract = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+    given = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tw.params)
+    if jax.tree.structure(given) != jax.tree.structure(abstract) or jax.tree.leaves(given) != jax.tree.leaves(abstract):
+        raise ValueError(f"--init-from {init_from}: parameter tree differs from the toy world's")
+    return jax.tree.map(jnp.asarray, tw.params)
+
+
+def _base_info(init_from) -> dict | None:
+    """The training record of the weights a continued phase starts from (phases chain)."""
+    return None if init_from is None else _read_json(_weights_folder(init_from) / "training.json")
+
+
 def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
+          mix: str = "uniform", init_from: str | None = None,
           checkpoint_every=200, eval_every: int = 0, eval_n: int = 16, detector=None,
           export: str | None = None, command: str = "", progress=True) -> dict:
     """Train (resuming from the latest state in `run`), then export the debiased EMA weights to `export`.
 
+    mix: a `data.MIXES` name. init_from: a weights folder to start from instead of random initialisation
+    (its training record is kept in the export's `base`).
     eval_every > 0: every that many steps (and at the end) append a learning-curve point to curve.jsonl,
     read by `detector` (a jaxdit.toyworld.detector.Detector).
     """
+    from jaxdit.toyworld.data import MIXES
+
+    if mix not in MIXES:
+        raise ValueError(f"--mix {mix!r}: expected one of {sorted(MIXES)}")
     run = Path(run).absolute()  # orbax needs absolute paths
-    run.mkdir(parents=True, exist_ok=True)
     hyper = dict(seed=seed, steps=steps, t2i_batch=t2i_batch, edit_batch=edit_batch, lr=lr, warmup=warmup, ema=ema)
+    if (mix, init_from) != ("uniform", None):  # keys of the first phase's record stay as they were
+        hyper.update(mix=mix, init_from=None if init_from is None else str(init_from))
     tok = WordTokenizer.from_grammar()
     cfg = M.ToyConfig(M.FLUX_CONFIG, M.t5_config(len(tok)))
     opt = make_optimizer(lr, warmup, steps)
-    init = M.init_params(cfg, jax.random.key(seed))
+    init = initial_params(cfg, seed, init_from)
+    base = _base_info(init_from)
+    run.mkdir(parents=True, exist_ok=True)
     state = {"params": init, "ema": init, "opt_state": opt.init(init)}
     start, path = _latest_state(run)
     if path is not None:
@@ -190,7 +230,7 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
     first = _read_json(run / "first_steps.json") or []
     log = open(run / "log.jsonl", "a")
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="toyworld train")
-    for step, batch in zip(range(start, steps), _prefetch(seed, start, steps, t2i_batch, edit_batch, tok)):
+    for step, batch in zip(range(start, steps), _prefetch(seed, start, steps, t2i_batch, edit_batch, tok, mix)):
         state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
         bar.update(1)
         done = step + 1
@@ -216,6 +256,8 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
     bar.close()
     info = {"hyper": hyper, "step": steps, "train_seconds": round(trained(), 1), "command": command,
             "first_steps": _read_json(run / "first_steps.json"), "curve": read_curve(run)}
+    if base is not None:
+        info["base"] = base
     if export:
         from jaxdit.toyworld.weights import save_weights
 
@@ -239,8 +281,24 @@ def read_curve(run) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def chained_curve(info: dict) -> list[dict]:
+    """The learning curve of every phase of a training record (a continued phase's "base" first), with
+    steps and training seconds counted from the first phase's start and each point's phase number."""
+    phases = []
+    while info:
+        phases.insert(0, info)
+        info = info.get("base")
+    points, steps, seconds = [], 0, 0.0
+    for i, phase in enumerate(phases):
+        points += [{**p, "step": p["step"] + steps, "train_seconds": p["train_seconds"] + seconds, "phase": i}
+                   for p in phase.get("curve", [])]
+        steps, seconds = steps + phase["step"], seconds + phase["train_seconds"]
+    return points
+
+
 def plot_curve(points: list[dict], path, title: str = "toy-world learning curve") -> Path:
-    """The learning curve (curve.jsonl points) as a PNG: every bar's metric against training minutes."""
+    """The learning curve (curve.jsonl or `chained_curve` points) as a PNG: every bar's metric against
+    training minutes, a dashed line where a continued phase starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,6 +312,9 @@ def plot_curve(points: list[dict], path, title: str = "toy-world learning curve"
         colour = f"C{i}"
         ax.plot(minutes, [p[key] for p in points], "o-", color=colour, label=f"{label} (bar {BARS[key]:.2f})")
     ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+    for prev, p in zip(points, points[1:]):
+        if p.get("phase", 0) != prev.get("phase", 0):
+            ax.axvline(prev["train_seconds"] / 60, color="black", lw=0.8, ls=":")
     top = ax.secondary_xaxis("top", functions=(lambda m: m, lambda m: m))
     top.set_xticks(minutes[::2], [str(p["step"]) for p in points][::2], fontsize=7)
     top.set_xlabel("step")
@@ -272,7 +333,7 @@ def plot_curve(points: list[dict], path, title: str = "toy-world learning curve"
 
 def _reproduce(hyper: dict, steps: int) -> str:
     extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in hyper.items()
-                    if k not in ("seed", "steps") and v != DEFAULTS[k])
+                    if k not in ("seed", "steps") and v != DEFAULTS.get(k))
     return (f"jaxdit toyworld train --run RUN --seed {hyper['seed']} --steps {steps}{extra} "
             f"--export jaxdit/toyworld/weights")
 
@@ -298,7 +359,10 @@ def export_from_run(run, out, command: str = "", which: str = "ema") -> dict:
             "reproduce": _reproduce(hyper, step), "weights": which}
     from jaxdit.toyworld.weights import save_weights
 
-    weights = (state["params"] if which == "params" else
-               debiased_ema(state["ema"], M.init_params(cfg, jax.random.key(hyper["seed"])), hyper["ema"], step))
+    init = initial_params(cfg, hyper["seed"], hyper.get("init_from"))
+    base = _base_info(hyper.get("init_from"))
+    if base is not None:
+        info["base"] = base
+    weights = state["params"] if which == "params" else debiased_ema(state["ema"], init, hyper["ema"], step)
     save_weights(out, cfg, jax.device_get(weights), tok, info)
     return info
