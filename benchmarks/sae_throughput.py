@@ -345,6 +345,8 @@ def main(argv=None) -> int:
 
     import jax
 
+    from jaxdit.io import atomic_file
+
     gpu = _gpu_present()
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     shapes = args.shape or [Shape.parse(s) for s in (CROSSOVER_SHAPES if args.crossover else
@@ -365,9 +367,8 @@ def main(argv=None) -> int:
             first = ", ".join(f"{name} {p['first_step_s']:.1f} s" for name, p in r["prepare"].items())
             print(f"first step (compile + 1 step), d{r['shape']['d']}: {first}")
     out = Path(args.out)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -64,6 +63,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from jaxdit.convert.loader import read_torch_checkpoint
+    from jaxdit.io import atomic_file
     from jaxdit.configs import get_config
     from jaxdit.parity import _families, randomize_weights
 
@@ -151,9 +151,8 @@ def main(argv=None) -> int:
     for k, v in rows:
         print(f"  {k:<48} {v:.4g}")
     out_path = Path(args.out)
-    tmp_path = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
-    tmp_path.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_path, out_path)
+    with atomic_file(out_path) as tmp_path:
+        tmp_path.write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -6,27 +6,22 @@ Layout of a checkpoint directory:
     OUT/config.json     the model config (jaxdit.configs `to_json`)
     OUT/params/         orbax StandardCheckpointer tree
 
-The directory is assembled under a temporary name beside OUT (`.OUT.tmp-PID-HEX`) and renamed when
-complete, so an interrupted write leaves no OUT behind; the next write of the same OUT removes such
-leftovers (with a warning). Every writer here checks first that its output can be written at all.
+The directory is assembled under a temporary name beside OUT and renamed when complete
+(`jaxdit.io.atomic_directory`, whose names stay importable from here), so an interrupted write leaves no
+OUT behind. Every writer here checks first that its output can be written at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
-import os
-import shutil
-import uuid
-import warnings
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxdit.configs import config_from_json, dump_config
-from jaxdit.convert.safetensors_io import CheckpointError
+from jaxdit.io import (CheckpointError, atomic_directory, atomic_file, check_writable,  # noqa: F401
+                       temporary_beside)
 
 MARKER = "jaxdit.json"
 FORMAT = {"format": "jaxdit-checkpoint", "version": 1}
@@ -34,86 +29,6 @@ FORMAT = {"format": "jaxdit-checkpoint", "version": 1}
 
 def is_checkpoint(path) -> bool:
     return (Path(path) / MARKER).is_file()
-
-
-def check_writable(out: str | os.PathLike, flag: str | None = None) -> Path:
-    """`out` as an absolute path, once it is known that it can be created: its nearest existing parent is
-    a directory this process can write in (missing parents are created when writing). Refused in one
-    line naming `flag` (e.g. "--out") and the path, so a command fails before doing any work."""
-    out = Path(out).absolute()
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    where = f"{flag} {out}" if flag else str(out)
-    if not parent.is_dir():
-        raise NotADirectoryError(f"{where}: cannot be written, {parent} is not a directory")
-    probe = parent / f".{out.name}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{where}: cannot be written, {parent} is not writable ({e.strerror})") from None
-    return out
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def temporary_beside(out: str | os.PathLike) -> Path:
-    """A fresh temporary path beside `out` (`.NAME.tmp-PID-HEX`, renamed onto `out` when complete).
-    Temporaries of the same `out` left by processes no longer running (a killed run) are removed first,
-    each with a warning."""
-    out = Path(out).absolute()
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        pid = stale.name.rpartition(".tmp-")[2].partition("-")[0]
-        if pid.isdigit() and _running(int(pid)):
-            continue
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-        warnings.warn(f"removed {stale}, left behind by an interrupted run")
-    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-@contextlib.contextmanager
-def atomic_file(out: str | os.PathLike):
-    """Yield a temporary path beside `out` that becomes `out` only if the block completes (its parent
-    folder is created); on failure nothing is left behind."""
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(out)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory that becomes `out` only if the block completes."""
-    out = check_writable(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (--overwrite replaces it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(out)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(out, config, params, overwrite: bool = False) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxdit.convert import checkpoint as ckpt
 from jaxdit.convert.keymaps import components
-from jaxdit.convert.safetensors_io import CheckpointError, TensorSource, refuse_pickle
+from jaxdit.io import CheckpointError, TensorSource, refuse_pickle
 from jaxdit.convert.tree import fill_params
 
 

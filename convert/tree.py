@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.convert.safetensors_io import CheckpointError
+from jaxdit.io import CheckpointError
 
 Path_ = tuple[str, ...]
 
@@ -86,7 +86,7 @@ def unflatten(flat: dict[Path_, object]):
 
 
 def fill_params(
-    source,  # convert.safetensors_io.TensorSource-like: keys(), get(key), file_of(key)
+    source,  # jaxdit.io.TensorSource-like: keys(), get(key), file_of(key)
     abstract,  # ShapeDtypeStruct tree of the model's parameters
     stacks: dict[str, int],  # stacked module list name -> number of layers
     rename: Callable[[str, np.ndarray], list[tuple[str, np.ndarray]]] = lambda k, t: [(k, t)],

@@ -31,7 +31,7 @@ from flax import struct
 
 from jaxdit import flux, hooks as hk, sampling, text, vae
 from jaxdit.configs import check_field_types
-from jaxdit.convert.safetensors_io import CheckpointError
+from jaxdit.io import CheckpointError
 
 
 Geometry = hk.Geometry  # kept importable from here (it lives with the hook contract)

@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from jaxdit.configs import FluxConfig
-from jaxdit.convert.safetensors_io import CheckpointError
+from jaxdit.io import CheckpointError
 
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 DIFFUSERS_CLASS = "FluxTransformer2DModel"

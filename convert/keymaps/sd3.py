@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxdit import sd3
 from jaxdit.configs import SD3Config
-from jaxdit.convert.safetensors_io import CheckpointError
+from jaxdit.io import CheckpointError
 
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 PREFIXES = ("model.diffusion_model.",)

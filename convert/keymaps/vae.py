@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from jaxdit.convert.safetensors_io import CheckpointError
+from jaxdit.io import CheckpointError
 from jaxdit.vae import VAEConfig
 
 PREFIXES = ("first_stage_model.", "vae.")  # all-in-one files; BFL's ae.safetensors has no prefix

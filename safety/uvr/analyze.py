@@ -12,12 +12,12 @@ Outputs JSON and PNG charts (`write_report`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.io import atomic_directory, atomic_file
 from jaxdit.safety.uvr import localize as loc
 
 
@@ -84,9 +84,8 @@ def analyze_captures(kept: dict, *, grid: tuple[int, int], tokens, anchors, posi
 
 
 def _save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _heatmap(values: np.ndarray, title: str, path: Path, cell: int = 10) -> None:
@@ -128,8 +127,6 @@ def _curve(values, title: str, path: Path) -> None:
 
 def write_report(result: dict, out) -> Path:
     """analysis.json, text_flow.png, context_flow.png (editing), iou.png in `out` (written atomically)."""
-    from jaxdit.convert.checkpoint import atomic_directory
-
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
         _heatmap(np.asarray(result["text_flow_in_region"]), f"flow from '{result['concept']}' into the region",
