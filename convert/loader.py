@@ -236,9 +236,40 @@ def _vae_prefix(source) -> str:
                           f"{[p + vae_keys.MARKER for p in vae_keys.PREFIXES + ('',)]})")
 
 
+def read_vae_folder(path, dtype=None):
+    """(config, params) from a diffusers `vae/` folder (config.json + safetensors, single or sharded) or a
+    pipeline folder holding one. Pickle weights are refused. `dtype` casts the parameters (e.g.
+    "bfloat16"); the compute dtype is `config.dtype` (`config.replace(dtype=...)`)."""
+    from jaxdit import vae
+
+    path = Path(path)
+    refuse_pickle(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        if not (path / "vae").is_dir():
+            raise CheckpointError(f"{path}: pipeline folder without a vae/ component")
+        path = path / "vae"
+    cfg_file = path / "config.json"
+    if not path.is_dir() or not cfg_file.is_file():
+        raise CheckpointError(f"{path}: a diffusers VAE folder needs config.json")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    cls_name = raw.get("_class_name", vae.DIFFUSERS_CLASS)
+    if cls_name != vae.DIFFUSERS_CLASS:
+        raise CheckpointError(f"{cfg_file}: model class {cls_name!r} is not {vae.DIFFUSERS_CLASS!r}")
+    try:
+        config = vae.VAEConfig.from_diffusers(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    params = fill_params(TensorSource(path), vae.abstract_params(config), {},
+                         dtype=None if dtype is None else jnp.dtype(dtype))
+    return config, jax.tree_util.tree_map(jnp.asarray, params)
+
+
 def load_vae(path, dtype=None, config=None):
     """(config, params) of the autoencoder in any form: a diffusers `vae/` or pipeline folder
-    (`jaxdit.vae.load_vae`), an all-in-one single file (its `first_stage_model.*` or `vae.*` tensors), or
+    (`read_vae_folder`), an all-in-one single file (its `first_stage_model.*` or `vae.*` tensors), or
     BFL's `ae.safetensors` (LDM names, no prefix).
 
     A single file does not record the group-norm count nor the latent scaling and shift: those come from
@@ -252,7 +283,7 @@ def load_vae(path, dtype=None, config=None):
     path = Path(path)
     refuse_pickle(path)
     if path.is_dir():
-        return vae.load_vae(path, dtype=dtype)
+        return read_vae_folder(path, dtype=dtype)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     source = TensorSource(path)

@@ -279,8 +279,9 @@ def _text_encoder_rows(folder: Path, rng, text_tokens):
     import transformers
 
     from jaxdit import text
+    from jaxdit.convert import load_text_encoder
 
-    config, params = text.load_text_encoder(folder)
+    config, params = load_text_encoder(folder)
     arch = json.loads((folder / "config.json").read_text()).get("architectures", ["?"])[0]
     model = getattr(transformers, arch).from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
     if isinstance(config, text.ClipTextConfig):
@@ -309,8 +310,9 @@ def _vae_rows(folder: Path, rng, height: int, width: int):
     from diffusers import AutoencoderKL
 
     from jaxdit import vae
+    from jaxdit.convert import read_vae_folder
 
-    config, params = vae.load_vae(folder)
+    config, params = read_vae_folder(folder)
     model = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
     images = rng.uniform(-1, 1, (1, config.in_channels, height, width)).astype(np.float32)
     with torch.no_grad():

@@ -7,7 +7,7 @@ folder converts with the generic rule of `convert/tree.py` and no stacked blocks
 Images are [B, C, H, W] in [-1, 1] like diffusers; the modules run NHWC internally. Group-norm statistics,
 the attention softmax and the returned moments / images are float32 whatever the compute dtype.
 
-    config, params = load_vae("FLUX.1-dev/vae")
+    config, params = jaxdit.convert.load_vae("FLUX.1-dev/vae")
     mean, logvar = encode(params, config, images)                 # [B, 16, H/8, W/8] each
     latents = normalize_latents(mean, config)                      # what the transformer sees
     images = decode(params, config, denormalize_latents(latents, config))
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -450,35 +448,3 @@ def init_params(config: VAEConfig, rng: jax.Array):
 def abstract_params(config: VAEConfig):
     """ShapeDtypeStruct tree of the parameters, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def load_vae(path, dtype=None) -> tuple[VAEConfig, Any]:
-    """(config, params) from a diffusers `vae/` folder (config.json + safetensors, single or sharded) or a
-    pipeline folder holding one. Pickle weights are refused. `dtype` casts the parameters (e.g.
-    "bfloat16"); the compute dtype is `config.dtype` (`config.replace(dtype=...)`)."""
-    from jaxdit.convert.safetensors_io import CheckpointError, TensorSource, refuse_pickle
-    from jaxdit.convert.tree import fill_params
-
-    path = Path(path)
-    refuse_pickle(path)
-    if path.is_dir() and (path / "model_index.json").is_file():
-        if not (path / "vae").is_dir():
-            raise CheckpointError(f"{path}: pipeline folder without a vae/ component")
-        path = path / "vae"
-    cfg_file = path / "config.json"
-    if not path.is_dir() or not cfg_file.is_file():
-        raise CheckpointError(f"{path}: a diffusers VAE folder needs config.json")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-    cls_name = raw.get("_class_name", DIFFUSERS_CLASS)
-    if cls_name != DIFFUSERS_CLASS:
-        raise CheckpointError(f"{cfg_file}: model class {cls_name!r} is not {DIFFUSERS_CLASS!r}")
-    try:
-        config = VAEConfig.from_diffusers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
-    params = fill_params(TensorSource(path), abstract_params(config), {},
-                         dtype=None if dtype is None else jnp.dtype(dtype))
-    return config, jax.tree_util.tree_map(jnp.asarray, params)

@@ -13,7 +13,7 @@ import jax
 
 from jaxdit import load_transformer, sd3, vae
 from jaxdit.configs import FluxConfig, SD3Config, get_config
-from jaxdit.convert import CheckpointError, convert, load_vae
+from jaxdit.convert import CheckpointError, convert, load_vae, read_vae_folder
 from jaxdit.convert.tree import flatten
 from jaxdit.pipeline import FluxKontextPipeline
 from sd3_twins import sd3_inputs, sd3_twin, to_sai, torch_forward
@@ -167,7 +167,7 @@ def test_all_in_one_flux_file_loads_the_transformer(all_in_one):
 
 def test_all_in_one_flux_file_loads_the_vae_when_asked(all_in_one):
     _, tmp, file, _ = all_in_one
-    ref_cfg, ref_params = vae.load_vae(tmp / "vae")
+    ref_cfg, ref_params = read_vae_folder(tmp / "vae")
     for source in (file, tmp / "ae.safetensors", tmp / "vae"):  # all-in-one, BFL's bare file, a folder
         config, params = load_vae(source)
         assert config == ref_cfg, source

@@ -15,8 +15,8 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxdit import sharding
-from jaxdit.convert import CheckpointError
-from jaxdit.text import load_text_encoder, t5, text_param_specs
+from jaxdit.convert import CheckpointError, load_text_encoder
+from jaxdit.text import t5, text_param_specs
 from jaxdit.text.common import ACTIVATIONS
 from text_twins import t5_twin, torch_t5
 from twins import rel_err

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxdit import sharding
-from jaxdit.convert import CheckpointError, UnsafeFormatError
-from jaxdit.text import (CLIP_G, CLIP_L, T5_XXL, clip, clip_encode, load_text_encoder, load_tokenizer, t5,
-                         t5_encode, text_param_specs)
+from jaxdit.convert import CheckpointError, UnsafeFormatError, load_text_encoder
+from jaxdit.text import CLIP_G, CLIP_L, T5_XXL, clip, clip_encode, load_tokenizer, t5, t5_encode, text_param_specs
 from text_twins import (clip_ids, clip_twin, t5_twin, torch_clip, torch_t5, train_clip_tokenizer,
                         train_t5_tokenizer)
 from twins import rel_err

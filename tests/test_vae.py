@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, FluxKontextPipeline
 from safetensors.torch import save_file
 
 from jaxdit import vae
-from jaxdit.convert import CheckpointError, UnsafeFormatError
+from jaxdit.convert import CheckpointError, UnsafeFormatError, read_vae_folder
 from jaxdit.parity import randomize_weights
 from twins import rel_err
 
@@ -48,7 +48,7 @@ def build(tmp_path_factory):
             model = _torch_vae(name, seed=len(name))
             path = tmp_path_factory.mktemp(name) / "vae"
             model.save_pretrained(path)
-            cache[name] = (name, model, path, *vae.load_vae(path))
+            cache[name] = (name, model, path, *read_vae_folder(path))
         return cache[name]
 
     return get
@@ -85,7 +85,7 @@ def test_sharded_and_pipeline_folders(build, tmp_path):
     assert list((tmp_path / "vae").glob("*.safetensors.index.json"))
     index = {"_class_name": "FluxPipeline", "vae": ["diffusers", "AutoencoderKL"]}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    config2, params2 = vae.load_vae(tmp_path)
+    config2, params2 = read_vae_folder(tmp_path)
     assert config2 == config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
 
@@ -148,7 +148,7 @@ def test_bfloat16_error(build):
     """bf16 compute (bf16 weights, float32 norm statistics and softmax) against torch float32, printed
     beside torch's own bf16 error; on the FLUX-layout twin."""
     _, model, path, config, _ = build("flux")
-    _, params16 = vae.load_vae(path, dtype="bfloat16")
+    _, params16 = read_vae_folder(path, dtype="bfloat16")
     config16 = config.replace(dtype="bfloat16")
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(params16))
     x, z = _images(seed=4), _latents(config, seed=5)
@@ -210,21 +210,21 @@ def test_missing_key(tmp_path, state):
     cfg, sd = state
     sd = {k: v for k, v in sd.items() if k != "decoder.mid_block.attentions.0.to_q.weight"}
     with pytest.raises(CheckpointError, match="missing.*decoder.mid_block.attentions.0.to_q.weight"):
-        vae.load_vae(_folder(tmp_path, cfg, sd))
+        read_vae_folder(_folder(tmp_path, cfg, sd))
 
 
 def test_unexpected_key(tmp_path, state):
     cfg, sd = state
     sd = {**sd, "encoder.down_blocks.0.resnets.0.conv3.weight": torch.zeros(8, 8, 3, 3)}
     with pytest.raises(CheckpointError, match="unexpected.*encoder.down_blocks.0.resnets.0.conv3.weight"):
-        vae.load_vae(_folder(tmp_path, cfg, sd))
+        read_vae_folder(_folder(tmp_path, cfg, sd))
 
 
 def test_wrong_shape(tmp_path, state):
     cfg, sd = state
     sd = {**sd, "encoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}
     with pytest.raises(CheckpointError) as info:
-        vae.load_vae(_folder(tmp_path, cfg, sd))
+        read_vae_folder(_folder(tmp_path, cfg, sd))
     msg = str(info.value)
     for needle in ("encoder.conv_in.weight", "(8, 4, 3, 3)", "(8, 3, 3, 3)", "diffusion_pytorch_model.safetensors"):
         assert needle in msg, (needle, msg)
@@ -234,7 +234,7 @@ def test_quant_conv_mismatch(tmp_path, state):
     """Weights with quant convs under a config that says there are none: named, not silently dropped."""
     cfg, sd = state
     with pytest.raises(CheckpointError, match=r"unexpected.*quant_conv\.(weight|bias)"):
-        vae.load_vae(_folder(tmp_path, {**cfg, "use_quant_conv": False, "use_post_quant_conv": False}, sd))
+        read_vae_folder(_folder(tmp_path, {**cfg, "use_quant_conv": False, "use_post_quant_conv": False}, sd))
 
 
 def test_pickle_refused(tmp_path, state):
@@ -244,15 +244,15 @@ def test_pickle_refused(tmp_path, state):
     (path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **cfg}))
     torch.save(sd, path / "diffusion_pytorch_model.bin")
     with pytest.raises(UnsafeFormatError, match="diffusion_pytorch_model.bin"):
-        vae.load_vae(path)
+        read_vae_folder(path)
     with pytest.raises(UnsafeFormatError, match="diffusion_pytorch_model.bin"):
-        vae.load_vae(path / "diffusion_pytorch_model.bin")
+        read_vae_folder(path / "diffusion_pytorch_model.bin")
 
 
 def test_bad_config(tmp_path, state):
     cfg, sd = state
     with pytest.raises(CheckpointError, match="UpDecoderBlock2D"):
-        vae.load_vae(_folder(tmp_path, {**cfg, "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}, sd))
+        read_vae_folder(_folder(tmp_path, {**cfg, "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}, sd))
 
 
 def test_released_layouts():
