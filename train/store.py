@@ -12,7 +12,8 @@ point leaves a readable store: at worst an unlisted chunk directory, removed on 
 manifest writer at a time; several processes may write chunks side by side (`write_chunk`, each under
 its own name) while one of them lists them (`commit`), as a multi-process harvest does.
 
-Training reads a store, or a plain `.npy` [N, d] file, through `BatchStream`: a deterministic shuffle
+Training reads a store, a plain `.npy` [N, d] file, or an array in memory (`ArraySource`, the same
+pieces as the array saved as `.npy`) through `BatchStream`: a deterministic shuffle
 whose state is one integer (rows consumed), so a resumed run sees exactly the batches it would have seen.
 """
 
@@ -242,6 +243,44 @@ class NpySource:
         return f"{self.path}, row {self.bounds[i][0] + row}"
 
 
+class ArraySource:
+    """An in-memory array [N, d], split into pieces of `piece_rows` rows like a `.npy` file (`NpySource`), so
+    a run on it reads exactly the batches a run on the same array saved as `.npy` reads. The array is
+    not copied: it must not change while a run reads it."""
+
+    def __init__(self, array: np.ndarray, piece_rows: int = 65536, name: str = "array"):
+        array = np.asarray(array)
+        if array.ndim != 2 or array.shape[0] == 0:
+            raise StoreError(f"{name}: expected a non-empty [N, d] array, got shape {array.shape}")
+        if not (np.issubdtype(array.dtype, np.floating) or array.dtype == DTYPES["bfloat16"]):
+            raise StoreError(f"{name}: expected floating-point activations, got dtype {array.dtype}")
+        self.array, self.name = array, name
+        n = array.shape[0]
+        self.bounds = [(a, min(a + piece_rows, n)) for a in range(0, n, piece_rows)]
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.array.shape[0]}, {self.array.shape[1]}] {self.array.dtype} (in memory)"
+
+    @property
+    def d(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def count(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def pieces(self) -> list[int]:
+        return [b - a for a, b in self.bounds]
+
+    def read(self, i: int) -> np.ndarray:
+        a, b = self.bounds[i]
+        return np.asarray(self.array[a:b])
+
+    def describe(self, i: int, row: int) -> str:
+        return f"{self.name}, row {self.bounds[i][0] + row}"
+
+
 class Source(Protocol):
     """What `BatchStream` reads: pieces of rows, each loadable as a whole."""
 
@@ -253,8 +292,10 @@ class Source(Protocol):
     def describe(self, i: int, row: int) -> str: ...
 
 
-def open_source(path: str | os.PathLike) -> ActivationStore | NpySource:
-    """An activation store directory or a `.npy` file."""
+def open_source(path: "str | os.PathLike | ArraySource") -> ActivationStore | NpySource | ArraySource:
+    """An activation store directory or a `.npy` file (an `ArraySource` is returned as it is)."""
+    if isinstance(path, ArraySource):
+        return path
     path = Path(path)
     if path.is_dir():
         return ActivationStore.open(path)

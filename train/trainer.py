@@ -67,7 +67,7 @@ from jaxdit.convert.checkpoint import atomic_file
 from jaxdit.sharding import make_mesh
 from jaxdit.train import sae
 from jaxdit.train.interop import save_sae
-from jaxdit.train.store import SlicedStream, Source, StoreError, open_source
+from jaxdit.train.store import ArraySource, SlicedStream, Source, StoreError, open_source
 
 BATCH_AXES = ("data", "fsdp")
 LATENT_AXIS = "tensor"
@@ -445,7 +445,8 @@ def restore_checkpoint(out: str | os.PathLike, mesh: tuple[int, int, int] = (-1,
 def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, tc: TrainConfig,
           opts: RunOptions = RunOptions(), *, resume: bool = False,
           callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[sae.SAEConfig, sae.Params]:
-    """Train an SAE on `data` (activation store or .npy), writing into `out`; returns (config, params).
+    """Train an SAE on `data` (activation store, .npy or `store.ArraySource`; see also `train_array`),
+    writing into `out`; returns (config, params).
 
     `cfg.input_scale` is replaced by the estimate from data (if tc.normalize_inputs). `callback(metrics)`
     runs on process 0 after every logged step. With `resume`, `out` must hold a run started with the
@@ -553,6 +554,16 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: sae.SAEConfig, t
                  training={"steps": tc.steps, "tokens": tc.steps * tc.batch_size, "data": str(data)})
     distributed.barrier("jaxdit-sae-saved")  # OUT/sae exists on return, on every process
     return cfg, params
+
+
+def train_array(x: np.ndarray, out: str | os.PathLike, cfg: sae.SAEConfig, tc: TrainConfig,
+                opts: RunOptions = RunOptions(), *, resume: bool = False,
+                callback: Callable[[dict[str, Any]], None] | None = None,
+                name: str = "array") -> tuple[sae.SAEConfig, sae.Params]:
+    """`train` on rows x [N, d] held in memory (no file written for them): the batches, and so the
+    parameters, are bitwise those of `train` on `x` saved as `.npy`. `name` stands for the data in
+    train.json and in error messages."""
+    return train(ArraySource(x, name=name), out, cfg, tc, opts, resume=resume, callback=callback)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
