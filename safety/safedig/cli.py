@@ -86,40 +86,20 @@ def _bar_chart(rows: list[dict], path) -> None:
     save_png(image, path)
 
 
-def _save_dictionary(out, cfg, params, harmful, meta, overwrite=False) -> Path:
-    """An SAE directory (jaxdit.train layout) plus `safedig.json`: harmful latents and provenance."""
-    from jaxdit.train.interop import save_sae
-
-    path = save_sae(out, cfg, params, overwrite=overwrite)
-    write_json({"harmful_latents": [int(i) for i in harmful], **meta}, path / "safedig.json")
-    return path
-
-
 def load_dictionary(path):
-    """(config, source params, adapted params, harmful latents, metadata). An unadapted dictionary has the
-    same params twice; an adapted one keeps its source decoder in `source_decoder.safetensors`."""
-    from jaxdit.convert.safetensors_io import SafetensorsFile
-    from jaxdit.train.interop import load_sae
+    """(config, source params, adapted params, harmful latents, metadata) of a dictionary directory
+    (`dictionary.Dictionary.load`). An unadapted dictionary has the same params twice."""
+    from jaxdit.safety.safedig.dictionary import Dictionary
 
-    cfg, params = load_sae(path)
-    meta_file = Path(path) / "safedig.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path}: not a SafeDIG dictionary (no safedig.json)")
-    meta = json.loads(meta_file.read_text())
-    source = dict(params)
-    decoder_file = Path(path) / "source_decoder.safetensors"
-    if decoder_file.is_file():
-        f = SafetensorsFile(decoder_file)
-        source.update({k: np.asarray(f.get(k), np.float32) for k in ("W_dec", "b_dec")})
-    return cfg, source, params, np.asarray(meta["harmful_latents"], np.int32), meta
+    d = Dictionary.load(path)
+    return d.cfg, d.src, d.tgt, d.harmful, {"harmful_latents": d.harmful.tolist(), "position": d.position, **d.meta}
 
 
 def _train(args) -> int:
-    import tempfile
-
     import jax.numpy as jnp
 
     from jaxdit.safety.safedig.core import harmful_latents
+    from jaxdit.safety.safedig.dictionary import Dictionary, train_sae
     from jaxdit.train import sae as sae_lib, trainer
 
     _new_output(args.out, args.overwrite)
@@ -130,50 +110,39 @@ def _train(args) -> int:
         raise ValueError(f"--k {args.k} exceeds the {cfg.n_latents} latents")
     tc = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, warmup_steps=min(100, args.steps // 10),
                              seed=args.seed, init_rows=min(16384, len(unsafe) + len(safe)))
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "source.npy"
-        np.save(data, np.concatenate([unsafe, safe]))
-        cfg, params = trainer.train(data, Path(tmp) / "run", cfg, tc,
-                                    trainer.RunOptions(mesh=(-1, 1, 1), progress=not args.no_progress))
+    cfg, params = train_sae(np.concatenate([unsafe, safe]), cfg, tc,
+                            trainer.RunOptions(mesh=(-1, 1, 1), progress=not args.no_progress))
     harmful = harmful_latents(params, cfg, jnp.asarray(unsafe), jnp.asarray(safe), args.num_harmful)
-    path = _save_dictionary(args.out, cfg, params, harmful, {"position": args.position, "source_unsafe": str(args.unsafe),
-                                                              "source_safe": str(args.safe), "adapted": False},
-                            args.overwrite)
+    path = Dictionary(args.position, cfg, params, params, harmful,
+                      {"source_unsafe": str(args.unsafe), "source_safe": str(args.safe), "adapted": False}
+                      ).save(args.out, args.overwrite)
     print(f"wrote {path}: {cfg.n_latents} latents, {len(harmful)} harmful")
     return 0
 
 
 def _adapt(args) -> int:
+    import dataclasses
+
     from jaxdit.safety.safedig.core import AdaptConfig, adapt_decoder
-    from jaxdit.train.interop import write_safetensors
+    from jaxdit.safety.safedig.dictionary import Dictionary
 
     _new_output(args.out, args.overwrite)
-    cfg, _, params, harmful, meta = load_dictionary(args.dictionary)
-    target = _rows(args.target, meta["position"], args.limit)
-    adapted, losses = adapt_decoder(params, cfg, target, AdaptConfig(steps=args.steps, batch_size=args.batch_size,
+    d = Dictionary.load(args.dictionary)
+    target = _rows(args.target, d.position, args.limit)
+    adapted, losses = adapt_decoder(d.tgt, d.cfg, target, AdaptConfig(steps=args.steps, batch_size=args.batch_size,
                                                                       lr=args.lr, seed=args.seed))
-    meta = {**meta, "adapted": True, "target": str(args.target), "adapt_losses": [losses[0], losses[-1]]}
-    path = _save_dictionary(args.out, cfg, adapted, harmful, meta, args.overwrite)
-    write_safetensors(path / "source_decoder.safetensors",
-                      {k: np.asarray(params[k], np.float32) for k in ("W_dec", "b_dec")})
+    meta = {**d.meta, "adapted": True, "target": str(args.target), "adapt_losses": [losses[0], losses[-1]]}
+    path = dataclasses.replace(d, src=d.tgt, tgt=adapted, meta=meta).save(args.out, args.overwrite)
     print(f"wrote {path}: decoder loss {losses[0]:.4g} -> {losses[-1]:.4g}")
     return 0
 
 
 def steering_hooks(dictionaries: list[str], mode: str, strength: float, gate: float, steps=None):
-    """`Hooks` with one Blend/Repel edit per dictionary (source decoder from the dictionary it adapted)."""
-    import jax.numpy as jnp
+    """`Hooks` with one Blend/Repel edit per dictionary directory (`dictionary.steering_hooks`)."""
+    from jaxdit.safety.safedig import dictionary
+    from jaxdit.safety.safedig.core import SteerConfig
 
-    from jaxdit import hooks as hk
-    from jaxdit.safety.safedig.core import SteerConfig, steering_edit
-
-    edits = []
-    for path in dictionaries:
-        cfg, src, tgt, harmful, meta = load_dictionary(path)
-        as_jax = lambda p: {k: jnp.asarray(v) for k, v in p.items()}  # noqa: E731
-        edits.append(steering_edit(meta["position"], as_jax(src), as_jax(tgt), cfg, harmful,
-                                   SteerConfig(mode=mode, strength=strength, gate=gate, steps=steps)))
-    return hk.Hooks(edits=tuple(edits))
+    return dictionary.steering_hooks(dictionaries, SteerConfig(mode=mode, strength=strength, gate=gate, steps=steps))
 
 
 def _generate(args) -> int:
