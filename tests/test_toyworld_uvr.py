@@ -42,13 +42,17 @@ def test_best_threshold_is_the_best_cut():
 
 
 def test_concept_token_positions_cover_synonyms():
+    from jaxdit.safety.uvr.anchors import concept_token_positions
+    from jaxdit.toyworld.suites import Concept
     from jaxdit.toyworld.tokenizer import WordTokenizer
 
     tok = WordTokenizer.from_grammar()
-    assert list(uvr.concept_token_positions(tok, "a red star and a blue ring", "star")) == [2]
-    assert list(uvr.concept_token_positions(tok, "draw a five pointed shape", "star")) == [2, 3, 4]
-    assert list(uvr.concept_token_positions(tok, "a crimson disc", "red")) == [1]
-    assert len(uvr.concept_token_positions(tok, "a blue ring", "star")) == 0
+    pos = lambda text, c: list(concept_token_positions(tok, text, Concept.parse(c).words()))  # noqa: E731
+    assert pos("a red star and a blue ring", "star") == [2]
+    assert pos("draw a five pointed shape", "star") == [2, 3, 4]
+    assert pos("a crimson disc", "red") == [1]
+    assert pos("a blue ring", "star") == []
+    assert list(concept_token_positions(tok, "a red star", "star")) == [2]  # one phrase
 
 
 def test_startup_window_steps():

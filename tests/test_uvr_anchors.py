@@ -56,6 +56,24 @@ def test_collect_save_load_and_use(dev_pipe, tmp_path):
                     num_inference_steps=2, window_t=0.0, max_sequence_length=12)
 
 
+def test_collect_with_a_labeller_applied_after_each_run(dev_pipe):
+    """A labeller sees each run's output and captures; giving the masks it finds is the same as giving them."""
+    prompts = ["a photo of a cat", "a cat in the snow"]
+    kw = dict(position="single.1.img.attn_heads", height=32, width=32, num_inference_steps=2, window_t=0.0,
+              num_anchors=2, max_sequence_length=12)
+    masks = [np.arange(64) % 2 == 0, np.arange(64) < 3]
+    seen = []
+
+    def labeller(i, output, kept):
+        seen.append((i, sorted(kept), output.shape))
+        return masks[i]
+
+    bank, meta = anc.collect(dev_pipe, prompts, "unused", labeller=labeller, **kw)
+    given, _ = anc.collect(dev_pipe, prompts, "unused", patch_masks=masks, **kw)
+    np.testing.assert_array_equal(bank, given)
+    assert [s[:2] for s in seen] == [(0, [0, 1]), (1, [0, 1])] and meta["vectors"] == 2 * (32 + 3)
+
+
 def test_cli_anchors_then_generate_with_uvr(dev_pipe, tmp_path, capsys):
     from PIL import Image
 

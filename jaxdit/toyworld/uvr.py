@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxdit.pipeline import capture_run
 from jaxdit.safety.uvr import localize as loc
-from jaxdit.safety.uvr.anchors import kmeans
+from jaxdit.safety.uvr.anchors import anchors_from_vectors, collect_vectors, concept_token_positions
 from jaxdit.safety.uvr.regulate import RegulateConfig, UVRController
 from jaxdit.toyworld import model as M
 from jaxdit.toyworld.pipeline import DEFAULT_STEPS, schedule
@@ -127,19 +127,15 @@ class Bank:
 
 
 def _collect(tw, items, labels_of, position, window, steps, batch):
-    """Per-head vectors at labelled patches over the window steps, and (scores later) all vectors/labels."""
-    vectors, all_heads, all_labels = [], [], []
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
+    """`anchors.collect_vectors` over batches of calibration items: the per-head vectors at the patches
+    `labels_of(chunk, images)` finds after each run, and every patch's vectors and labels (for the threshold)."""
+    def run(chunk):
         images = None if chunk[0].task == "t2i" else np.stack([render(it.source) for it in chunk])
-        out, kept = record(tw, [it.prompt for it in chunk], [it.seed for it in chunk], (position,), images, steps)
-        labels = labels_of(chunk, out)  # [b, 64]
-        for s in window:
-            heads = kept[s][position][:, :M.TOKENS]  # [b, 64, H, D]
-            vectors.append(heads[labels])
-            all_heads.append(heads.reshape(-1, *heads.shape[2:]))
-            all_labels.append(labels.reshape(-1))
-    return np.concatenate(vectors), np.concatenate(all_heads), np.concatenate(all_labels)
+        return record(tw, [it.prompt for it in chunk], [it.seed for it in chunk], (position,), images, steps)
+
+    chunks = [items[start:start + batch] for start in range(0, len(items), batch)]
+    return collect_vectors(run, chunks, lambda chunk, out, kept: labels_of(chunk, out), position, window, M.TOKENS,
+                           keep_all=True)
 
 
 def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 16, position: str = POSITION,
@@ -161,7 +157,7 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
         if len(vecs) < num_anchors:
             raise ValueError(f"{mode}: only {len(vecs)} concept patches in the calibration runs; the model does not "
                              f"draw {c.value!r} (need at least {num_anchors})")
-        anchors[mode] = np.stack([kmeans(vecs[:, h], num_anchors) for h in range(vecs.shape[1])])
+        anchors[mode] = anchors_from_vectors(vecs, num_anchors)
         scores = np.asarray(loc.score_patches(heads[None], anchors[mode]))[0]
         cut, f1 = best_threshold(scores, labels)
         meta[f"{mode}_threshold"], meta[f"{mode}_f1"] = cut, f1
@@ -193,19 +189,6 @@ def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core
     return out
 
 
-def concept_token_positions(tokenizer, text: str, concept) -> np.ndarray:
-    """Positions of the concept's words (any synonym) in the tokenized text."""
-    c = _concept(concept)
-    words = tokenizer.words(text)[: tokenizer.max_length - 1]
-    hit = np.zeros(len(words), bool)
-    for syn in c.words():
-        parts = syn.split()
-        for i in range(len(words) - len(parts) + 1):
-            if words[i:i + len(parts)] == parts:
-                hit[i:i + len(parts)] = True
-    return np.flatnonzero(hit)
-
-
 def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, steps: int = DEFAULT_STEPS) -> dict:
     """jaxdit.safety.uvr.analyze on the toy model: flows by step and block, mask IoU with the final one."""
     from jaxdit.safety.uvr.analyze import analyze_captures
@@ -214,7 +197,7 @@ def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, ste
     capture = ("double.*.joint.attn_img_sources", "single.*.joint.attn_img_sources", position)
     images = None if image is None else np.asarray(image)[None]
     _, kept = record(tw, [prompt], [seed], capture, images, steps)
-    tokens = concept_token_positions(tw.tokenizer, prompt, bank.concept)
+    tokens = concept_token_positions(tw.tokenizer, prompt, _concept(bank.concept).words())
     if len(tokens) == 0 and image is None:  # an edit may leave the concept unnamed (its flow is then 0)
         raise ValueError(f"the prompt {prompt!r} does not name the concept {bank.concept!r}")
     mode = "t2i" if image is None else "edit"

@@ -9,7 +9,8 @@ but never turns it into anchors (`key_tensor = None  # need to compute`). jaxdit
    the steps at which the reference saves, see `collection_steps`);
 2. the unsafe patches of each image are those the concept's text tokens attend to most: the weights from
    the concept tokens, summed over heads, tokens and steps, above `quantile` of the image's patches
-   (or a given per-patch mask, e.g. from a detector);
+   (or a given per-patch mask, or a labeller applied after each run to its output and captures, e.g. a
+   detector reading the generated image: `collect_vectors`);
 3. per head, the selected vectors (over images and steps) are reduced to K anchors by k-means
    (deterministic k-means++-free init: evenly spaced samples), giving a bank [H, K, D].
 
@@ -42,15 +43,34 @@ def kmeans(x: np.ndarray, k: int, iters: int = 20) -> np.ndarray:
     return centroids.astype(np.float32)
 
 
-def concept_token_positions(tokenizer, prompt: str, concept: str, max_length: int) -> np.ndarray:
-    """Indices of the T5 tokens of `prompt` (padded to max_length) that spell `concept`."""
+def phrase_positions(tokens, phrases) -> np.ndarray:
+    """Sorted indices of `tokens` covered by some occurrence of some phrase (each a token sequence)."""
+    tokens = list(tokens)
+    hits = set()
+    for phrase in phrases:
+        phrase = list(phrase)
+        for i in range(len(tokens) - len(phrase) + 1):
+            if phrase and tokens[i:i + len(phrase)] == phrase:
+                hits.update(range(i, i + len(phrase)))
+    return np.asarray(sorted(hits), np.int64)
+
+
+def concept_token_positions(tokenizer, prompt: str, concept, max_length: int | None = None) -> np.ndarray:
+    """Indices of the tokens of `prompt` that spell `concept` (a phrase, or a list of phrases of which any
+    counts: synonyms).
+
+    tokenizer: a Hugging Face tokenizer (the prompt padded to `max_length`, each phrase tokenized without
+    special tokens), or a word-level tokenizer with `words(text)` and `max_length` such as the toy
+    world's (words up to max_length - 1, the last slot being the end token; phrases split on spaces)."""
+    phrases = [concept] if isinstance(concept, str) else list(concept)
+    if hasattr(tokenizer, "words"):
+        words = tokenizer.words(prompt)[: (max_length or tokenizer.max_length) - 1]
+        return phrase_positions(words, [p.split() for p in phrases])
     ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    target = tokenizer(concept, add_special_tokens=False)["input_ids"]
-    if not target:
+    targets = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in phrases]
+    if not all(targets):
         raise ValueError(f"concept {concept!r} tokenizes to nothing")
-    hits = [i + j for i in range(len(ids) - len(target) + 1) if ids[i:i + len(target)] == target
-            for j in range(len(target))]
-    return np.asarray(sorted(set(hits)), np.int64)
+    return phrase_positions(ids, targets)
 
 
 def patch_mask_from_attention(probs: np.ndarray, token_positions: np.ndarray, n_gen: int,
@@ -81,15 +101,48 @@ def collection_steps(timesteps: np.ndarray, timing: str = "window", window_t: fl
     raise ValueError(f"anchor collection timing {timing!r}: expected 'window' or 'reference'")
 
 
+def collect_vectors(run, chunks, labeller, position: str, window, n_gen: int, keep_all: bool = False):
+    """Per-head vectors of the labelled generated patches over the `window` steps, labels found after
+    each run.
+
+    run(chunk) -> (outputs, kept): one sampling run of a chunk of inputs, with `kept[step][position]`
+    [b, tokens, H, D] captured; labeller(chunk, outputs, kept) -> [b, n_gen] bool, applied after the run
+    (to the outputs, e.g. a detector on the images, or to the captures, e.g. attention from the concept's
+    tokens). Returns the vectors [N, H, D] (chunk, then step, then patch order); with `keep_all`, also every
+    generated patch's vectors [M, H, D] and labels [M], e.g. to calibrate a threshold on them."""
+    vectors, all_heads, all_labels = [], [], []
+    for chunk in chunks:
+        outputs, kept = run(chunk)
+        labels = np.asarray(labeller(chunk, outputs, kept), bool)
+        for s in window:
+            heads = kept[s][position][:, :n_gen]  # [b, n_gen, H, D]
+            vectors.append(heads[labels])
+            if keep_all:
+                all_heads.append(heads.reshape(-1, *heads.shape[2:]))
+                all_labels.append(labels.reshape(-1))
+    vectors = np.concatenate(vectors)
+    return (vectors, np.concatenate(all_heads), np.concatenate(all_labels)) if keep_all else vectors
+
+
+def anchors_from_vectors(vectors: np.ndarray, num_anchors: int) -> np.ndarray:
+    """A bank [H, K, D]: per head, k-means of the vectors [N, H, D]."""
+    return np.stack([kmeans(vectors[:, h], num_anchors) for h in range(vectors.shape[1])])
+
+
 def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.10.img.attn_heads",
             height: int = 1024, width: int = 1024, num_inference_steps: int = 28, window_t: float = 850.0,
             seed: int = 0, quantile: float = 0.8, max_sequence_length: int | None = None,
             patch_masks: list[np.ndarray] | None = None, num_anchors: int = 16, progress: bool = True,
-            timing: str = "window", images: list | None = None, **pipe_kwargs):
+            timing: str = "window", images: list | None = None, labeller=None, output_type: str = "latent",
+            **pipe_kwargs):
     """Anchor bank [H, K, D] for `concept` from FLUX generations of `prompts` (see module docstring).
 
     images: one source image per prompt for a Kontext pipeline (the prompts are then the edit
     instructions); `pipe_kwargs` go to each pipeline call. timing: see `collection_steps`.
+    labeller(i, output, kept) -> [n_gen] bool: the unsafe patches of prompt i, found after its run from the
+    pipeline's output (of `output_type`, e.g. "pil" for a detector) or the captures `kept[step][name]`
+    (the localization position and the text-to-image weights); default: `patch_masks` if given, else
+    the attention from the concept's tokens.
     """
     from jaxdit import sampling
     from jaxdit.pipeline import capture_run
@@ -107,26 +160,29 @@ def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.1
         raise ValueError(f"no step has timestep >= {window_t}; lower window_t" if timing == "window" else
                          f"no step of the {num_inference_steps}-step schedule matches the reference's collection "
                          "timestep (104 in bfloat16)")
-    per_head = []
-    for i, prompt in enumerate(prompts):
-        args = (prompt,) if images is None else (images[i], prompt)
-        _, kept = capture_run(pipe, *args, capture=(position, probs_at), steps=window, height=height, width=width,
-                              num_inference_steps=num_inference_steps, seed=seed + i, max_sequence_length=max_len,
-                              output_type="latent", progress=False, **pipe_kwargs)
-        heads = np.stack([kept[s][position][0, :n_gen] for s in sorted(kept)])  # [S, n_gen, H, D]
-        probs = np.stack([kept[s][probs_at][0] for s in sorted(kept)])  # [S, H, T_txt, T_img]
+    def run(chunk):
+        (i,) = chunk
+        args = (prompts[i],) if images is None else (images[i], prompts[i])
+        return capture_run(pipe, *args, capture=(position, probs_at), steps=window, height=height, width=width,
+                           num_inference_steps=num_inference_steps, seed=seed + i, max_sequence_length=max_len,
+                           output_type=output_type, progress=False, **pipe_kwargs)
+
+    def label(chunk, outputs, kept):
+        (i,) = chunk
+        if labeller is not None:
+            return np.asarray(labeller(i, outputs, kept), bool).reshape(1, -1)
         if patch_masks is not None:
-            mask = np.asarray(patch_masks[i], bool).reshape(-1)
-        else:
-            tokens = concept_token_positions(pipe.tokenizer_2, prompt, concept, max_len)
-            if len(tokens) == 0:
-                raise ValueError(f"prompt {i} ({prompt!r}) does not contain the concept {concept!r}")
-            mask = patch_mask_from_attention(probs, tokens, n_gen, quantile)
-        per_head.append(heads[:, mask])  # [S, m, H, D]
-    vectors = np.concatenate([v.reshape(-1, *v.shape[2:]) for v in per_head])  # [N, H, D]
+            return np.asarray(patch_masks[i], bool).reshape(1, -1)
+        tokens = concept_token_positions(pipe.tokenizer_2, prompts[i], concept, max_len)
+        if len(tokens) == 0:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) does not contain the concept {concept!r}")
+        probs = np.stack([kept[s][probs_at][0] for s in sorted(kept)])  # [S, H, T_txt, T_img]
+        return patch_mask_from_attention(probs, tokens, n_gen, quantile)[None]
+
+    vectors = collect_vectors(run, [[i] for i in range(len(prompts))], label, position, window, n_gen)
     if len(vectors) == 0:
         raise ValueError("no unsafe patch was selected; lower the quantile or give patch masks")
-    anchors = np.stack([kmeans(vectors[:, h], num_anchors) for h in range(vectors.shape[1])])
+    anchors = anchors_from_vectors(vectors, num_anchors)
     meta = {"concept": concept, "position": position, "steps": [int(s) for s in window],
             "num_inference_steps": num_inference_steps, "height": height, "width": width,
             "prompts": list(prompts), "vectors": int(len(vectors)), "timing": timing, "editing": images is not None}
