@@ -31,8 +31,8 @@ def _modules() -> dict[str, Path]:
         for path in (ROOT / folder).glob("*.py"):
             name = package if path.stem == "__init__" else f"{package}.{path.stem}"
             out[name] = path
-    for init in (ROOT / "jaxdit").glob("*/__init__.py"):  # subpackages inside jaxdit/ (text, toyworld)
-        package = f"jaxdit.{init.parent.name}"
+    for init in (ROOT / "jaxdit").glob("*/**/__init__.py"):  # subpackages inside jaxdit/ (text, toyworld, ...)
+        package = ".".join(("jaxdit",) + init.parent.relative_to(ROOT / "jaxdit").parts)
         for path in init.parent.glob("*.py"):
             out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return out
@@ -117,6 +117,7 @@ def test_the_graph_is_read():
     graph = _graph()
     assert "jaxdit.flux" in graph["jaxdit.pipelines.flux"] and "jaxdit.hooks" in graph["jaxdit.safety.uvr.regulate"]
     assert "jaxdit.pipelines.loops" in graph["jaxdit.pipeline"]  # the subpackage is read
+    assert "jaxdit.toyworld.safedig.steering" in graph["jaxdit.toyworld.safedig.calibration"]  # sub-subpackages too
     assert "jaxdit" in graph["jaxdit.train.cli"]  # `from jaxdit import load_transformer`: an arrow to the root
     assert "jaxdit.toyworld.cli" in graph["jaxdit.cli"]  # a function-level import is an arrow too
 

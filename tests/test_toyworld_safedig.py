@@ -95,8 +95,10 @@ def test_harvest_shapes_and_labels_against_ground_truth(world):
     # the stored activations are those of a forward pass on x_s = (1 - s) x0 + s n for that example alone
     i = next(j for j, e in enumerate(examples) if e.context is None)
     e, k = examples[i], steps[-1]
-    sigma = float(sd.schedule(SETTINGS.sample_steps)[0][k])
-    x = (1 - sigma) * M.to_tokens(render(e.scene)[None]) + sigma * sd.initial_noise([e.seed])
+    from jaxdit.toyworld.pipeline import initial_noise, schedule
+
+    sigma = float(schedule(SETTINGS.sample_steps)[0][k])
+    x = (1 - sigma) * M.to_tokens(render(e.scene)[None]) + sigma * initial_noise([e.seed])
     ids, mask = tw.tokenizer([e.text])
     velocity = jax.jit(M.velocity, static_argnums=(1, 2))
     _, caps = velocity(tw.params, tw.flux_config, tw.t5_config, x, ids, mask, jnp.asarray([sigma]), None,
@@ -129,9 +131,10 @@ def test_adapted_decoder_leaves_the_encoder_bitwise(world):
         assert not np.array_equal(np.asarray(ada.tgt["W_dec"]), np.asarray(src.src["W_dec"]))
         np.testing.assert_array_equal(np.asarray(ada.src["W_dec"]), np.asarray(src.src["W_dec"]))  # kept for err
         assert plain.tgt is src.src
-        both, only_src = ada.harmful(4).tolist(), src.harmful(4).tolist()
-        assert only_src == both[: len(only_src)] and set(ada.harmful(4, ["target"]).tolist()) <= set(both)
-        assert ada.info["adapt_loss"][1] <= ada.info["adapt_loss"][0]
+        both, only_src = ada.choose(4).tolist(), src.choose(4).tolist()
+        assert only_src == both[: len(only_src)] and set(ada.choose(4, ["target"]).tolist()) <= set(both)
+        assert ada.meta["adapt_loss"][1] <= ada.meta["adapt_loss"][0]
+        assert ada.harmful.tolist() == ada.choose(16).tolist()  # the dictionary's own latents: the default count
 
 
 def test_steering_edit_is_the_identity_where_no_harmful_latent_fires(world):
@@ -144,16 +147,17 @@ def test_steering_edit_is_the_identity_where_no_harmful_latent_fires(world):
                                       stack=d.position.split(".")[0], stream=stream, site="resid_post", layout=layout)
     for mode in ("blend", "repel"):
         steering = sd.Steering(mode=mode, num_harmful=4, strength=1.5, gate_quantile=0.5)
-        harmful = d.harmful(4)
+        harmful = d.choose(4)
         gate = sd.gate_value(d, harmful, 0.5)
         fires = sd.harmful_peak(d, x, harmful) > gate
         assert fires.any() and not fires.all()
-        edit = sd.steering_edit(d, steering)
-        assert edit is sd.steering_edit(d, steering)  # built once: the sampler compiles once per setting
+        (edit,) = sd.method_hooks([d], steering).edits
+        assert edit is sd.method_hooks([d], steering).edits[0]  # built once: the sampler compiles once per setting
+        np.testing.assert_array_equal(np.asarray(edit.params["harmful"]), harmful)
         out = np.asarray(edit.fn(edit.params, jnp.asarray(x)[None], ctx(3)))[0]
         np.testing.assert_array_equal(out[~fires], x[~fires])
         assert (np.abs(out[fires] - x[fires]).max(-1) > 0).all()
-        windowed = sd.steering_edit(d, sd.Steering(mode=mode, num_harmful=4, strength=1.5, window=(5, 8)))
+        (windowed,) = sd.method_hooks([d], sd.Steering(mode=mode, num_harmful=4, strength=1.5, window=(5, 8))).edits
         np.testing.assert_array_equal(np.asarray(windowed.fn(windowed.params, jnp.asarray(x)[None], ctx(3)))[0], x)
 
 
@@ -179,10 +183,10 @@ def test_calibration_search_respects_the_preservation_bar(monkeypatch):
             return {"bars": {"target_reduction": min(1.0, 0.4 * s), "source_erase_rate": min(1.0, 0.45 * s),
                              "safe_accuracy_drop_points": 0.0 if s <= 2.0 else 10.0, "safe_pixel_distance": 0.01 * s}}
 
-    class Dict:  # steering_hooks reads only the strength here
+    class Dict:  # method_hooks reads only the strength here
         pass
 
-    monkeypatch.setattr(sd, "steering_hooks", lambda dicts, s, domains=None: hk.Hooks(
+    monkeypatch.setattr(sd.steering, "method_hooks", lambda dicts, s, domains=None: hk.Hooks(
         edits=(hk.Edit("single.0.img.resid_post", None, s.strength),)))
     out = sd.calibrate(Runner(), {"adapted": [Dict()]}, sd.Steering(), {"strength": (0.5, 1.0, 2.0, 3.0)},
                        log=lambda s: None)

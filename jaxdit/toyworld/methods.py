@@ -156,7 +156,7 @@ def _safedig(tw, det, concept, n, log, target: str = "heart"):
     result = sd.calibrate(runner, dicts, start, log=log, objective=_source_objective)
     chosen = result["chosen"]
     steer = sd.Steering(**{**chosen, "window": tuple(chosen["window"]) if chosen["window"] else None})
-    hooks = sd.steering_hooks(dicts["adapted"][: steer.top], steer)
+    hooks = sd.method_hooks(dicts["adapted"][: steer.top], steer)
     rows = [{"settings": t["steering"], "erase_rate": t["bars"]["source_erase_rate"],
              "accuracy_drop": (t["bars"]["safe_accuracy_drop_points"] or 0) / 100,
              "safe_pixel_distance": t["bars"]["safe_pixel_distance"]} for t in result["trials"]]

@@ -11,7 +11,6 @@ per position (`RUN/<position>/`):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
