@@ -207,46 +207,10 @@ class ActivationStore:
         return f"activation store {self.path}, chunk {self.chunks[i]['name']!r}, row {row}"
 
 
-class NpySource:
-    """A `.npy` file [N, d] read through a memory map, split into pieces of `piece_rows` rows."""
-
-    def __init__(self, path: str | os.PathLike, piece_rows: int = 65536):
-        self.path = Path(path)
-        try:
-            self.array = np.load(self.path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{self.path}: cannot read as .npy ({e})") from None
-        if self.array.ndim != 2 or self.array.shape[0] == 0:
-            raise StoreError(f"{self.path}: expected a non-empty [N, d] array, got shape {self.array.shape}")
-        if not (np.issubdtype(self.array.dtype, np.floating) or self.array.dtype == DTYPES["bfloat16"]):
-            raise StoreError(f"{self.path}: expected floating-point activations, got dtype {self.array.dtype}")
-        n = self.array.shape[0]
-        self.bounds = [(a, min(a + piece_rows, n)) for a in range(0, n, piece_rows)]
-
-    @property
-    def d(self) -> int:
-        return int(self.array.shape[1])
-
-    @property
-    def count(self) -> int:
-        return int(self.array.shape[0])
-
-    @property
-    def pieces(self) -> list[int]:
-        return [b - a for a, b in self.bounds]
-
-    def read(self, i: int) -> np.ndarray:
-        a, b = self.bounds[i]
-        return np.asarray(self.array[a:b])
-
-    def describe(self, i: int, row: int) -> str:
-        return f"{self.path}, row {self.bounds[i][0] + row}"
-
-
 class ArraySource:
-    """An in-memory array [N, d], split into pieces of `piece_rows` rows like a `.npy` file (`NpySource`), so
-    a run on it reads exactly the batches a run on the same array saved as `.npy` reads. The array is
-    not copied: it must not change while a run reads it."""
+    """An array [N, d] split into pieces of `piece_rows` rows. In memory, or a `.npy` file's memory map
+    (`NpySource`): a run on an array reads exactly the batches a run on the same array saved as `.npy`
+    reads. The array is not copied: it must not change while a run reads it."""
 
     def __init__(self, array: np.ndarray, piece_rows: int = 65536, name: str = "array"):
         array = np.asarray(array)
@@ -279,6 +243,21 @@ class ArraySource:
 
     def describe(self, i: int, row: int) -> str:
         return f"{self.name}, row {self.bounds[i][0] + row}"
+
+
+class NpySource(ArraySource):
+    """A `.npy` file [N, d] read through a memory map, split into pieces of `piece_rows` rows."""
+
+    def __init__(self, path: str | os.PathLike, piece_rows: int = 65536):
+        self.path = Path(path)
+        try:
+            array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self.path}: cannot read as .npy ({e})") from None
+        super().__init__(array, piece_rows, name=str(self.path))
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 class Source(Protocol):
