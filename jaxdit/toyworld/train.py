@@ -359,10 +359,10 @@ def export_from_run(run, out, command: str = "", which: str = "ema") -> dict:
             "reproduce": _reproduce(hyper, step), "weights": which}
     from jaxdit.toyworld.weights import save_weights
 
-    init = initial_params(cfg, hyper["seed"], hyper.get("init_from"))
     base = _base_info(hyper.get("init_from"))
     if base is not None:
         info["base"] = base
-    weights = state["params"] if which == "params" else debiased_ema(state["ema"], init, hyper["ema"], step)
+    weights = (state["params"] if which == "params" else
+               debiased_ema(state["ema"], initial_params(cfg, hyper["seed"], hyper.get("init_from")), hyper["ema"], step))
     save_weights(out, cfg, jax.device_get(weights), tok, info)
     return info
