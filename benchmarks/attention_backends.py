@@ -51,16 +51,16 @@ def default_mesh(heads: int, devices: int) -> tuple[int, int, int]:
     return 1, devices // tensor, tensor
 
 
-def random_params(abstract, mesh, dtype, seed: int):
-    """Seeded random parameters in their shards: small models drawn on the host (nothing to compile),
-    large ones drawn on the mesh (no host copy of the full model)."""
+def random_params(abstract, axes, mesh, dtype, seed: int):
+    """Seeded random parameters in their shards (by their logical `axes`): small models drawn on the host
+    (nothing to compile), large ones drawn on the mesh (no host copy of the full model)."""
     import jax
     import jax.numpy as jnp
 
     from jaxdit import sharding
 
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    shardings = sharding.param_shardings(abstract, mesh)
+    shardings = sharding.param_shardings(abstract, mesh, axes)
 
     def value(path, leaf, noise):
         if str(getattr(path[-1], "key", "")) == "scale":  # norm scales around 1
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
               "uvr_tokens": layout.total, "mesh": dict(zip(sharding.MESH_AXES, sizes)), "repeats": args.repeats,
               "runs": []}
     with jax.set_mesh(mesh):
-        params = random_params(flux.abstract_params(config), mesh, dt, args.seed)
+        params = random_params(flux.abstract_params(config), flux.logical_axes(config), mesh, dt, args.seed)
         x, e, pl = put(latents), put(embeds), put(pooled)
         ctx = put(context) if editing else None
         reference = None

@@ -59,8 +59,8 @@ def load_config(path):
 def restore_checkpoint(path, mesh=None, dtype=None, shardings_fn=None):
     """(config, params) from a jaxdit checkpoint, optionally restored straight onto `mesh`.
 
-    With a mesh, every array is read directly into its shards (`shardings_fn(abstract, mesh)` gives the
-    NamedSharding tree); `dtype` casts floating parameters while reading.
+    With a mesh, every array is read directly into its shards (`shardings_fn(config, abstract, mesh)` gives
+    the NamedSharding tree); `dtype` casts floating parameters while reading.
     """
     path = Path(path).absolute()
     config = load_config(path)
@@ -75,7 +75,7 @@ def restore_checkpoint(path, mesh=None, dtype=None, shardings_fn=None):
 
     abstract = jax.tree_util.tree_map_with_path(cast, meta)
     if mesh is not None:
-        shardings = shardings_fn(abstract, mesh)
+        shardings = shardings_fn(config, abstract, mesh)
         abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                           abstract, shardings)
     else:

@@ -34,6 +34,7 @@ class Family:
     diffusers_class: str
     config_from_diffusers: Callable[[dict], Any]
     abstract_params: Callable[[Any], Any]
+    logical_axes: Callable[[Any], Any]  # config -> the logical axes its parameters declare
     stacks: Callable[[Any], dict[str, int]]
     is_original: Callable[[list[str]], bool]
     rename_original: Callable | None  # None when `original_renamer` is set
@@ -53,12 +54,12 @@ def families() -> dict[str, Family]:
 
     return {
         "flux": Family(
-            "flux", flux_keys.DIFFUSERS_CLASS, FluxConfig.from_diffusers, flux.abstract_params,
+            "flux", flux_keys.DIFFUSERS_CLASS, FluxConfig.from_diffusers, flux.abstract_params, flux.logical_axes,
             lambda c: {"transformer_blocks": c.num_layers, "single_transformer_blocks": c.num_single_layers},
             flux_keys.is_original, flux_keys.rename_original, flux_keys.infer_original_config),
         "sd3": Family(
-            "sd3", sd3_keys.DIFFUSERS_CLASS, SD3Config.from_diffusers, sd3.abstract_params, sd3.stacks,
-            sd3_keys.is_original, None, sd3_keys.infer_original_config,
+            "sd3", sd3_keys.DIFFUSERS_CLASS, SD3Config.from_diffusers, sd3.abstract_params, sd3.logical_axes,
+            sd3.stacks, sd3_keys.is_original, None, sd3_keys.infer_original_config,
             diffusers_renamer=sd3_keys.diffusers_renamer, original_renamer=sd3_keys.original_renamer),
     }
 
@@ -194,20 +195,27 @@ def read_config(path):
     return config_from_file(path / "config.json")
 
 
+def param_shardings(config, params, mesh):
+    """NamedSharding tree of a transformer's parameter (or ShapeDtypeStruct) tree on `mesh`, from the
+    logical axes its modules declare (an abstract init of `config`, nothing allocated)."""
+    from jaxdit import sharding
+
+    return sharding.param_shardings(params, mesh, families()[config.family].logical_axes(config))
+
+
 def load_transformer(path, mesh=None, dtype=None, config=None):
     """(config, params) from any supported checkpoint form.
 
-    mesh: restore/put every parameter sharded on this mesh (jaxdit.sharding rules).
+    mesh: restore/put every parameter sharded on this mesh (the axes the model declares under
+    `jaxdit.sharding.RULES`).
     dtype: cast floating parameters (e.g. "bfloat16"); default keeps the checkpoint dtype.
     """
-    from jaxdit import sharding
-
     dtype = None if dtype is None else jnp.dtype(dtype)
     if ckpt.is_checkpoint(path):
-        return ckpt.restore_checkpoint(path, mesh, dtype, sharding.param_shardings)
+        return ckpt.restore_checkpoint(path, mesh, dtype, param_shardings)
     config, params = read_torch_checkpoint(path, dtype, config)
     if mesh is not None:
-        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+        params = jax.device_put(params, param_shardings(config, params, mesh))
     else:
         params = jax.tree_util.tree_map(jnp.asarray, params)
     return config, params

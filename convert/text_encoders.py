@@ -19,10 +19,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdit import sharding
 from jaxdit.convert.tree import fill_params, flatten, to_key
 from jaxdit.io import CheckpointError, TensorSource, refuse_pickle
 from jaxdit.text import clip, t5
-from jaxdit.text.sharding import text_param_shardings
 
 CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")  # the encoder of each
@@ -168,11 +168,13 @@ def load_text_encoder(folder, dtype=None, mesh=None):
 
     dtype: cast the parameters (e.g. "bfloat16"); default keeps the checkpoint dtype. The compute dtype is
     `config.dtype` (float32 by default): `config.replace(dtype="bfloat16")` to run in bf16.
-    mesh: put the parameters sharded on this mesh (`text_param_shardings`: T5-XXL is split, not replicated).
+    mesh: put the parameters sharded on this mesh (the axes the model declares under `jaxdit.sharding.RULES`:
+    T5-XXL is split, not replicated).
     """
     config, params = read_text_encoder(folder, dtype)
     if mesh is not None:
-        params = jax.device_put(params, text_param_shardings(params, mesh))
+        model = clip if isinstance(config, clip.ClipTextConfig) else t5
+        params = jax.device_put(params, sharding.param_shardings(params, mesh, model.logical_axes(config)))
     else:
         params = jax.tree_util.tree_map(jnp.asarray, params)
     return config, params

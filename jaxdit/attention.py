@@ -261,14 +261,15 @@ def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask=None, backend
 
 
 class OutProjection(nn.Module):
-    """diffusers' `to_out` ModuleList: index 0 is the Linear (index 1 is dropout)."""
+    """diffusers' `to_out` ModuleList: index 0 is the Linear (index 1 is dropout); row-parallel."""
 
     features: int
     dtype: jnp.dtype
+    axes: tuple | None = ("heads", "embed")  # None: no logical axes (the VAE, never sharded)
 
     @nn.compact
     def __call__(self, x):
-        return dense(self.features, "0", self.dtype)(x)
+        return dense(self.features, "0", self.dtype, axes=self.axes)(x)
 
 
 def _record_probabilities(hooks, site: str, probabilities) -> None:
@@ -306,7 +307,8 @@ class Attention(nn.Module):
 
     def _heads(self, x, proj, norm):
         inner = self.heads * self.head_dim
-        y = dense(inner, proj, self.dtype)(x).reshape(*x.shape[:-1], self.heads, self.head_dim)
+        y = dense(inner, proj, self.dtype, axes=("embed", "heads"))(x)  # column-parallel
+        y = y.reshape(*x.shape[:-1], self.heads, self.head_dim)
         return RMSNorm(self.eps, name=norm)(y) if (norm and self.qk_norm) else y
 
     @nn.compact
@@ -354,7 +356,9 @@ class Attention(nn.Module):
             out = flat(jnp.concatenate(joined, 1)) if hooks is not None and hooks.active else flat(out)
             return (OutProjection(img.shape[-1], self.dtype, name="to_out")(out) if self.out else out), None
         img_o = OutProjection(img.shape[-1], self.dtype, name="to_out")(flat(out_img))
-        txt_o = dense(txt.shape[-1], "to_add_out", self.dtype)(flat(out_txt)) if self.context_out else None
+        txt_o = None
+        if self.context_out:  # row-parallel, as to_out
+            txt_o = dense(txt.shape[-1], "to_add_out", self.dtype, axes=("heads", "embed"))(flat(out_txt))
         return img_o, txt_o
 
 
@@ -364,7 +368,7 @@ class _GeluProj(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.gelu(dense(self.features, "proj", self.dtype)(x), approximate=True)
+        return nn.gelu(dense(self.features, "proj", self.dtype, axes=("embed", "mlp"))(x), approximate=True)
 
 
 class _FFNet(nn.Module):
@@ -375,7 +379,7 @@ class _FFNet(nn.Module):
     @nn.compact
     def __call__(self, x, on_act):
         h = on_act(_GeluProj(self.hidden, self.dtype, name="0")(x))
-        return dense(self.features, "2", self.dtype)(h)
+        return dense(self.features, "2", self.dtype, axes=("mlp", "embed"))(h)
 
 
 class FeedForward(nn.Module):

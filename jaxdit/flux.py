@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import hooks as hk
+from jaxdit import sharding
 from jaxdit.attention import Attention, FeedForward, resolve_backend
 from jaxdit.configs import FluxConfig
 from jaxdit.layers import AdaLNModulation, MLPEmbedder, dense, layer_norm, modulate, rope_table, timestep_sinusoid
@@ -112,12 +113,14 @@ class SingleStreamBlock(nn.Module):
         x = _joint_site(bh, "resid_pre", x, self.layout)
         shift, scale, gate = AdaLNModulation(cfg.inner_dim, 3, dt, name="norm")(temb)
         x_mod = modulate(layer_norm(x), shift, scale)
-        mlp = nn.gelu(dense(4 * cfg.inner_dim, "proj_mlp", dt)(x_mod), approximate=True)
+        mlp = nn.gelu(dense(4 * cfg.inner_dim, "proj_mlp", dt, axes=("embed", "mlp"))(x_mod), approximate=True)
         mlp = _joint_site(bh, "mlp_act", mlp, self.layout)
         attn = Attention(cfg.num_attention_heads, cfg.attention_head_dim, dt, resolve_backend(cfg.attention_backend, dt),
                          qk_norm=True, out=False, name="attn")
         attn_out, _ = attn(x_mod, None, rope, bh, self.layout)
-        update = gate[:, None] * dense(cfg.inner_dim, "proj_out", dt)(jnp.concatenate([attn_out, mlp], axis=-1))
+        # row-parallel over the joined [attention heads | MLP units] input
+        proj_out = dense(cfg.inner_dim, "proj_out", dt, axes=("mlp", "embed"))
+        update = gate[:, None] * proj_out(jnp.concatenate([attn_out, mlp], axis=-1))
         x = x + _joint_site(bh, "update", update, self.layout)
         x = _joint_site(bh, "resid_post", x, self.layout)
         return (x, bh.buffers), None
@@ -169,8 +172,8 @@ class FluxTransformer(nn.Module):
         if hooks is not None and hooks.empty:
             hooks = None
 
-        img = dense(cfg.inner_dim, "x_embedder", dt)(hidden_states.astype(dt))
-        txt = dense(cfg.inner_dim, "context_embedder", dt)(encoder_hidden_states.astype(dt))
+        img = dense(cfg.inner_dim, "x_embedder", dt, axes=(None, "embed"))(hidden_states.astype(dt))
+        txt = dense(cfg.inner_dim, "context_embedder", dt, axes=(None, "embed"))(encoder_hidden_states.astype(dt))
         temb = TimeTextEmbed(cfg.inner_dim, cfg.guidance_embeds, dt, name="time_text_embed")(
             jnp.asarray(timestep, jnp.float32).reshape(-1),
             None if guidance is None else jnp.asarray(guidance, jnp.float32).reshape(-1),
@@ -187,7 +190,8 @@ class FluxTransformer(nn.Module):
                 shape, bdt = _site_shape(cfg, layout, batch, *key.split("."))
                 buffers[key] = jnp.zeros((length if layers is None else len(layers), *shape), bdt)
             scan = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=length)
+                           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=length,
+                           metadata_params={nn.PARTITION_NAME: "layers"})
             name = "transformer_blocks" if stack == "double" else "single_transformer_blocks"
             blocks = scan(cfg, layout, tuple(sorted(plan.items())), name=name)
             layer_ids = jnp.arange(length, dtype=jnp.int32)
@@ -203,7 +207,7 @@ class FluxTransformer(nn.Module):
         img = x[:, n_txt:]
         scale, shift = AdaLNModulation(cfg.inner_dim, 2, dt, name="norm_out")(temb)  # diffusers order
         img = modulate(layer_norm(img), shift, scale)
-        return dense(cfg.output_channels, "proj_out", dt)(img)
+        return dense(cfg.output_channels, "proj_out", dt, axes=("embed", None))(img)
 
 
 def _check_inputs(cfg, hidden, context, pooled, timestep, img_ids, txt_ids, guidance):
@@ -240,16 +244,24 @@ def forward(params, config: FluxConfig, hidden_states, encoder_hidden_states, po
     return out, captures
 
 
+def _boxed_init(config: FluxConfig, rng: jax.Array, n_img: int = 4, n_txt: int = 2):
+    return FluxTransformer(config).init(rng, *_dummy_inputs(config, n_img, n_txt))["params"]
+
+
 def init_params(config: FluxConfig, rng: jax.Array, n_img: int = 4, n_txt: int = 2):
     """Randomly initialised parameters (float32); shapes are independent of the dummy token counts."""
-    model = FluxTransformer(config)
-    args = _dummy_inputs(config, n_img, n_txt)
-    return model.init(rng, *args)["params"]
+    return sharding.unboxed(_boxed_init(config, rng, n_img, n_txt))
 
 
 def abstract_params(config: FluxConfig):
     """ShapeDtypeStruct tree of the parameters, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def logical_axes(config: FluxConfig):
+    """The logical axes every parameter declares, as a tree of tuples like the parameters' (for
+    `jaxdit.sharding.param_specs`); read off an abstract init, nothing is allocated."""
+    return sharding.declared_axes(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
 
 
 def _dummy_inputs(config, n_img, n_txt, batch=1):

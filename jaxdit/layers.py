@@ -2,6 +2,10 @@
 
 Numerics that must stay float32 whatever the compute dtype (timestep sinusoids, RoPE tables, norm
 statistics) are computed in float32 here and only the results are cast.
+
+Every parameter declares its logical axes where it is created (names of `jaxdit.sharding.RULES`):
+`dense(..., axes=(input, output))` and `declare` boxes on the other initialisers. `init` then returns
+boxed parameters; the models' `init_params` unbox them and `logical_axes(config)` reads the boxes.
 """
 
 from __future__ import annotations
@@ -16,9 +20,26 @@ import numpy as np
 Dtype = jnp.dtype
 
 
-def dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
-    """A Linear layer; parameters keep their own (checkpoint) dtype, compute runs in `dtype`."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+def declare(init, axes: tuple):
+    """`init` with its parameter's logical axes declared (one RULES name or None per dimension)."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense(features: int, name: str, dtype, use_bias: bool = True, *, axes: tuple[str | None, str | None] | None
+          ) -> nn.Dense:
+    """A Linear layer; parameters keep their own (checkpoint) dtype, compute runs in `dtype`.
+
+    axes: logical axes (input, output) of the kernel [in, out]: ("embed", "heads" | "mlp") for a
+    column-parallel layer, ("heads" | "mlp", "embed") for a row-parallel one. The bias takes the output
+    axis, except the model width: a [D] bias stays whole (FSDP splits the matrices; a split vector would
+    only add a gather to every layer). None declares nothing (the VAE, which is never sharded).
+    """
+    if axes is None:
+        return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+    bias_axes = (None if axes[1] == "embed" else axes[1],)
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=declare(nn.linear.default_kernel_init, axes),
+                    bias_init=declare(nn.initializers.zeros_init(), bias_axes))
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -40,7 +61,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", declare(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32)).astype(x.dtype)
@@ -74,8 +95,9 @@ class MLPEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = dense(self.features, "linear_1", self.dtype)(x)
-        return dense(self.features, "linear_2", self.dtype)(nn.silu(x))
+        # the input (a sinusoid or pooled text) is narrow: only the model width is split
+        x = dense(self.features, "linear_1", self.dtype, axes=(None, "embed"))(x)
+        return dense(self.features, "linear_2", self.dtype, axes=("embed", None))(nn.silu(x))
 
 
 class AdaLNModulation(nn.Module):
@@ -87,7 +109,7 @@ class AdaLNModulation(nn.Module):
 
     @nn.compact
     def __call__(self, temb: jax.Array) -> list[jax.Array]:
-        emb = dense(self.chunks * self.dim, "linear", self.dtype)(nn.silu(temb))
+        emb = dense(self.chunks * self.dim, "linear", self.dtype, axes=("embed", "mlp"))(nn.silu(temb))
         return jnp.split(emb, self.chunks, axis=-1)
 
 

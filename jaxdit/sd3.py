@@ -15,7 +15,7 @@ layer s is stored under `transformer_blocks_{s}`, the first one under plain `tra
 
 so diffusers' `transformer_blocks.{i}.*` is slot i - s of the segment holding layer i (the identity for the
 first segment), and inside a segment every name is diffusers'. `stacks(config)` lists the segments for
-conversion (`convert/keymaps/sd3.py`); `jaxdit.sharding` treats `<stack>_<s>` as a segment of `<stack>`.
+conversion (`convert/keymaps/sd3.py`); every segment is a scanned stack, its leading axis "layers".
 (Padding every block to one structure with zero tensors would keep a single stack, but it invents weights
 that training would move and computes `attn2` where the model has none.)
 
@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import hooks as hk
+from jaxdit import sharding
 from jaxdit.attention import Attention, FeedForward, resolve_backend
 from jaxdit.configs import SD3Config
-from jaxdit.layers import AdaLNModulation, MLPEmbedder, dense, layer_norm, modulate, timestep_sinusoid
+from jaxdit.layers import AdaLNModulation, MLPEmbedder, declare, dense, layer_norm, modulate, timestep_sinusoid
 
 STACK = "joint"
 _SITES = ("resid_pre", "attn_heads", "attn_out", "mlp_act", "mlp_out", "resid_post")
@@ -97,10 +98,14 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, latents: jax.Array) -> jax.Array:  # [B, C, H, W] -> [B, h*w, D]
         p, m = self.patch_size, self.max_size
+        # The patch kernel [p, p, C, D] and the table are small: replicated.
         x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=declare(nn.linear.default_kernel_init, (None, None, None, None)),
+                    bias_init=declare(nn.initializers.zeros_init(), (None,)),
                     name="proj")(jnp.transpose(latents, (0, 2, 3, 1)).astype(self.dtype))
         b, h, w, d = x.shape
-        table = self.param("pos_embed", nn.initializers.zeros, (1, m * m, self.dim), jnp.float32)
+        table = self.param("pos_embed", declare(nn.initializers.zeros, (None, None, None)), (1, m * m, self.dim),
+                           jnp.float32)
         top, left = (m - h) // 2, (m - w) // 2
         pos = table.reshape(m, m, d)[top:top + h, left:left + w].reshape(1, h * w, d)
         # Like diffusers: the float32 table is added before casting to the compute dtype.
@@ -199,7 +204,8 @@ class SD3Transformer(nn.Module):
         img = PatchEmbed(cfg.inner_dim, p, cfg.pos_embed_max_size, dt, name="pos_embed")(hidden_states)
         temb = TimeTextEmbed(cfg.inner_dim, dt, name="time_text_embed")(
             jnp.asarray(timestep, jnp.float32).reshape(-1), pooled_projections)
-        txt = dense(cfg.caption_projection_dim, "context_embedder", dt)(encoder_hidden_states.astype(dt))
+        txt = dense(cfg.caption_projection_dim, "context_embedder", dt, axes=(None, "embed"))(
+            encoder_hidden_states.astype(dt))
 
         n = cfg.num_layers
         plan = hk.capture_plan(hooks, STACK, n, POSITIONS, num_layers(cfg))
@@ -209,7 +215,8 @@ class SD3Transformer(nn.Module):
         for start, stop in segments(cfg):
             dual, last = _structure(cfg, start)
             scan = nn.scan(JointBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=(nn.broadcast, nn.broadcast, 0), length=stop - start)
+                           in_axes=(nn.broadcast, nn.broadcast, 0), length=stop - start,
+                           metadata_params={nn.PARTITION_NAME: "layers"})
             blocks = scan(cfg, layout, tuple(sorted(plan.items())), dual, last, name=segment_name(start))
             (img, txt, buffers), _ = blocks((img, txt, buffers), temb, hooks, jnp.arange(start, stop, dtype=jnp.int32))
         absent = {f"{STACK}.{n - 1}.txt.{site}" for site in _SITES if site not in LAST_BLOCK_TXT_SITES}
@@ -218,7 +225,8 @@ class SD3Transformer(nn.Module):
                 self.sow("intermediates", name, value)
 
         scale, shift = AdaLNModulation(cfg.inner_dim, 2, dt, name="norm_out")(temb)  # diffusers order
-        img = dense(p * p * cfg.output_channels, "proj_out", dt)(modulate(layer_norm(img), shift, scale))
+        img = dense(p * p * cfg.output_channels, "proj_out", dt, axes=("embed", None))(
+            modulate(layer_norm(img), shift, scale))
         return unpatchify(img, grid_h, grid_w, p)
 
 
@@ -286,14 +294,24 @@ def forward(params, config: SD3Config, hidden_states, encoder_hidden_states, poo
     return out, captures
 
 
-def init_params(config: SD3Config, rng: jax.Array, n_txt: int = 2):
-    """Randomly initialised parameters (float32; a zero position table); shapes are input-independent."""
+def _boxed_init(config: SD3Config, rng: jax.Array, n_txt: int = 2):
     p = config.patch_size
     args = (jnp.zeros((1, config.in_channels, p, p)), jnp.zeros((1, n_txt, config.joint_attention_dim)),
             jnp.zeros((1, config.pooled_projection_dim)), jnp.ones((1,)))
     return SD3Transformer(config).init(rng, *args)["params"]
 
 
+def init_params(config: SD3Config, rng: jax.Array, n_txt: int = 2):
+    """Randomly initialised parameters (float32; a zero position table); shapes are input-independent."""
+    return sharding.unboxed(_boxed_init(config, rng, n_txt))
+
+
 def abstract_params(config: SD3Config):
     """ShapeDtypeStruct tree of the parameters, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def logical_axes(config: SD3Config):
+    """The logical axes every parameter declares, as a tree of tuples like the parameters' (for
+    `jaxdit.sharding.param_specs`); read off an abstract init, nothing is allocated."""
+    return sharding.declared_axes(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))

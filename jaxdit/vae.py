@@ -244,10 +244,10 @@ class SpatialAttention(nn.Module):
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
         b, hgt, wid, c = x.shape
         h = GroupNorm(cfg.norm_num_groups, NORM_EPS, dt, name="group_norm")(x).reshape(b, hgt * wid, 1, c)
-        q, k, v = (dense(c, name, dt)(h) for name in ("to_q", "to_k", "to_v"))
+        q, k, v = (dense(c, name, dt, axes=None)(h) for name in ("to_q", "to_k", "to_v"))  # never sharded
         backend = "xla" if cfg.attention_backend == "auto" else resolve_backend(cfg.attention_backend, dt)
         out = _query_chunked(lambda q_: joint_attention(q_, k, v, None, backend), q, cfg.attention_query_chunk)
-        out = OutProjection(c, dt, name="to_out")(out.reshape(b, hgt * wid, c))
+        out = OutProjection(c, dt, axes=None, name="to_out")(out.reshape(b, hgt * wid, c))
         return out.reshape(x.shape) + x.astype(dt)
 
 

@@ -83,13 +83,12 @@ def _random_params(abstract, seed):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def _on_mesh(forward, params, *args):
-    """forward(params, *args) jitted under the test mesh with parameters sharded by jaxdit's rules; the
-    attention must have gone through shard_map."""
+def _on_mesh(forward, params, axes, *args):
+    """forward(params, *args) jitted under the test mesh with parameters sharded by their logical `axes`
+    under jaxdit's rules; the attention must have gone through shard_map."""
     mesh = sharding.make_mesh(**MESH)
-    stacks = ("transformer_blocks", "single_transformer_blocks")
     with jax.set_mesh(mesh):
-        sharded = jax.device_put(params, sharding.param_shardings(params, mesh, stacks))
+        sharded = jax.device_put(params, sharding.param_shardings(params, mesh, axes))
         traced = jax.jit(forward).trace(sharded, *args)
         assert "shard_map" in str(traced.jaxpr)
         return traced.lower().compile()(sharded, *args)
@@ -125,10 +124,10 @@ def _every_flux_hook(layout, heads):
                     attention=(bias, uvr), rng=jax.random.key(3))
 
 
-def _equal_runs(forward_for, params, hooks):
+def _equal_runs(forward_for, params, axes, hooks):
     """The splash forward on the mesh equals the xla forward on one device, output and captures."""
     ref, ref_caps = jax.jit(forward_for("xla"))(params, hooks)
-    out, caps = _on_mesh(forward_for("splash"), params, hooks)
+    out, caps = _on_mesh(forward_for("splash"), params, axes, hooks)
     assert rel_err(out, ref) <= TOL
     assert caps.keys() == ref_caps.keys()
     for name in ref_caps:
@@ -143,8 +142,9 @@ def test_flux_kontext_forward_equals_xla(kontext):
         c = cfg.replace(attention_backend=backend)
         return lambda p, h: flux.forward(p, c, **inputs, hooks=h, num_context_tokens=layout.n_ctx)
 
-    plain = _equal_runs(forward_for, params, None)
-    hooked = _equal_runs(forward_for, params, _every_flux_hook(layout, cfg.num_attention_heads))
+    axes = flux.logical_axes(cfg)
+    plain = _equal_runs(forward_for, params, axes, None)
+    hooked = _equal_runs(forward_for, params, axes, _every_flux_hook(layout, cfg.num_attention_heads))
     assert rel_err(hooked, plain) > 1e-3  # the hooks did something
 
 
@@ -169,7 +169,7 @@ def test_sd35_forward_equals_xla():
         c = cfg.replace(attention_backend=backend)
         return lambda p, h: sd3.forward(p, c, **inputs, hooks=h)
 
-    _equal_runs(run, params, hooks)
+    _equal_runs(run, params, sd3.logical_axes(cfg), hooks)
 
 
 def test_benchmark_runs_at_tiny_size(tmp_path):

@@ -194,7 +194,7 @@ def test_hooks_under_jit_and_an_8_device_mesh(twin):
                      rng=jax.random.key(3), step=jnp.int32(4))
     ref, ref_caps = _run(cfg, params, inputs, hooks, n_ctx)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, flux.logical_axes(cfg)))
     fn = jax.jit(lambda p, h: _run(cfg, p, inputs, h, n_ctx))
     out, caps = fn(sharded, hooks)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * np.abs(ref).max())

@@ -300,7 +300,7 @@ def flux_worker(out: Path) -> None:
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    from jaxdit import sharding
+    from jaxdit import flux, sharding
     from jaxdit.configs import dump_config
     from jaxdit.convert.checkpoint import FORMAT, MARKER
 
@@ -311,7 +311,7 @@ def flux_worker(out: Path) -> None:
     def put(value, target):  # every process holds the whole value and gives each device its block
         return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
 
-    on_mesh = jax.tree.map(put, params, sharding.param_shardings(params, mesh))
+    on_mesh = jax.tree.map(put, params, sharding.param_shardings(params, mesh, flux.logical_axes(cfg)))
     assert on_mesh["transformer_blocks"]["attn"]["to_q"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
         None, "fsdp", "tensor")
     batch = {k: put(v, sharding.batch_sharding(mesh, v.shape)) for k, v in inputs.items()}

@@ -158,7 +158,7 @@ def test_sharded_forward_equals_single_device(twin):
     inputs = sd3_inputs(cfg, 4, 8, 8, 6, seed=4)
     single = _ours(cfg, params, inputs)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, stacks=("transformer_blocks",)))
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh, sd3.logical_axes(cfg)))
     for segment in sd3.stacks(cfg):  # every segment is sharded as a stack
         assert sharded[segment]["attn"]["to_q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     _, on_mesh = load_transformer(path, mesh=mesh)  # the loader's default rules agree

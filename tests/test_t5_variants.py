@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdit import sharding
 from jaxdit.convert import CheckpointError, load_text_encoder
-from jaxdit.text import t5, text_param_specs
+from jaxdit.text import t5
 from jaxdit.text.common import ACTIVATIONS
 from text_twins import t5_twin, torch_t5
 from twins import rel_err
@@ -85,7 +85,8 @@ def test_refused_variant_names_the_file(tmp_path):
 def test_plain_ffn_is_sharded_like_the_gated_one():
     cfg = t5.T5EncoderConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                              dense_act_fn="relu", is_gated_act=False)
-    specs = text_param_specs(t5.abstract_params(cfg), sharding.make_mesh(data=1, fsdp=2, tensor=4))
+    specs = sharding.param_specs(t5.abstract_params(cfg), sharding.make_mesh(data=1, fsdp=2, tensor=4),
+                                 t5.logical_axes(cfg))
     ffn = specs["block"]["layer"]["1"]["DenseReluDense"]
     assert ffn["wi"]["kernel"] == P(None, "fsdp", "tensor")
     assert ffn["wo"]["kernel"] == P(None, "tensor", "fsdp")

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdit import sharding
 from jaxdit.convert import CheckpointError, UnsafeFormatError, load_text_encoder
-from jaxdit.text import CLIP_G, CLIP_L, T5_XXL, clip, clip_encode, load_tokenizer, t5, t5_encode, text_param_specs
+from jaxdit.text import CLIP_G, CLIP_L, T5_XXL, clip, clip_encode, load_tokenizer, t5, t5_encode
 from text_twins import (clip_ids, clip_twin, t5_twin, torch_clip, torch_t5, train_clip_tokenizer,
                         train_t5_tokenizer)
 from twins import rel_err
@@ -184,7 +184,7 @@ def test_t5_xxl_specs_split_every_matrix():
     """The real T5-XXL tree (abstract) on an 8-device mesh: every weight matrix is split 8 ways."""
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     abstract = t5.abstract_params(T5_XXL)
-    specs = text_param_specs(abstract, mesh)
+    specs = sharding.param_specs(abstract, mesh, t5.logical_axes(T5_XXL))
     total = per_device = 0
     for leaf, spec in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(
             specs, is_leaf=lambda x: isinstance(x, P))):
@@ -195,7 +195,7 @@ def test_t5_xxl_specs_split_every_matrix():
             assert ways == 8, (leaf.shape, spec)
     assert total > 9e9 and per_device < total / 7.5, (total, per_device)
 
-    g = text_param_specs(clip.abstract_params(CLIP_G), mesh)["layers"]  # bigG: Megatron layout too
+    g = sharding.param_specs(clip.abstract_params(CLIP_G), mesh, clip.logical_axes(CLIP_G))["layers"]  # Megatron too
     assert g["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
     assert g["self_attn"]["q_proj"]["bias"] == P(None, "tensor")
     assert g["self_attn"]["out_proj"]["kernel"] == P(None, "tensor", "fsdp")

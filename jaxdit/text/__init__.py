@@ -8,5 +8,4 @@
 from jaxdit.text.clip import CLIP_G, CLIP_L, CLIP_L_PROJECTION, CLIPTextOutput, ClipTextConfig  # noqa: F401
 from jaxdit.text.encode import CLIPPromptEmbeds, T5PromptEmbeds, clip_encode, t5_encode, tokenize  # noqa: F401
 from jaxdit.text.loading import load_tokenizer  # noqa: F401
-from jaxdit.text.sharding import text_param_shardings, text_param_specs  # noqa: F401
 from jaxdit.text.t5 import T5_XXL, T5EncoderConfig  # noqa: F401

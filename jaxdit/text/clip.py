@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdit import sharding
 from jaxdit.configs import check_field_types
-from jaxdit.layers import dense
+from jaxdit.layers import declare, dense
 from jaxdit.text.common import LayerNorm, activation, check_input_ids, key_mask, self_attention
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -127,10 +128,11 @@ class CLIPAttention(nn.Module):
         b, t, d = x.shape
 
         def heads(name):
-            return dense(d, name, dt)(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+            y = dense(d, name, dt, axes=("embed", "heads"))(x)  # column-parallel
+            return y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
 
         out = self_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), cfg.head_dim ** -0.5, mask=mask)
-        return dense(d, "out_proj", dt)(out.reshape(b, t, d))
+        return dense(d, "out_proj", dt, axes=("heads", "embed"))(out.reshape(b, t, d))
 
 
 class CLIPMLP(nn.Module):
@@ -139,8 +141,8 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
-        h = activation(cfg.hidden_act, "CLIP")(dense(cfg.intermediate_size, "fc1", dt)(x))
-        return dense(cfg.hidden_size, "fc2", dt)(h)
+        h = activation(cfg.hidden_act, "CLIP")(dense(cfg.intermediate_size, "fc1", dt, axes=("embed", "mlp"))(x))
+        return dense(cfg.hidden_size, "fc2", dt, axes=("mlp", "embed"))(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -162,10 +164,11 @@ class CLIPTextEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
-        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=jnp.float32,
+        table = declare(nn.linear.default_embed_init, ("vocab", "embed"))
+        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=jnp.float32, embedding_init=table,
                           name="token_embedding")(input_ids)
         positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dt, param_dtype=jnp.float32,
-                             name="position_embedding")(jnp.arange(input_ids.shape[1]))
+                             embedding_init=table, name="position_embedding")(jnp.arange(input_ids.shape[1]))
         return tokens + positions[None]
 
 
@@ -198,7 +201,8 @@ class CLIPTextTransformer(nn.Module):
         if padding is not None:
             mask = mask & padding
         scan = nn.scan(CLIPEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast,), length=cfg.num_hidden_layers)
+                       in_axes=(nn.broadcast,), length=cfg.num_hidden_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
         x, per_layer = scan(cfg, name="layers")(embedded, mask)
         # Under jit, unused hidden states are dead code and never materialised.
         hidden_states = jnp.concatenate([embedded[None], per_layer], axis=0)
@@ -206,7 +210,8 @@ class CLIPTextTransformer(nn.Module):
         pooled = last[jnp.arange(last.shape[0]), pooled_positions(input_ids, cfg.eos_token_id)]
         text_embeds = None
         if cfg.with_projection:
-            text_embeds = dense(cfg.projection_dim, "text_projection", jnp.dtype(cfg.dtype), use_bias=False)(pooled)
+            text_embeds = dense(cfg.projection_dim, "text_projection", jnp.dtype(cfg.dtype), use_bias=False,
+                                axes=("embed", None))(pooled)
         return CLIPTextOutput(last, hidden_states, pooled, text_embeds)
 
 
@@ -217,11 +222,21 @@ def forward(params, config: ClipTextConfig, input_ids: jax.Array,
                                              None if attention_mask is None else jnp.asarray(attention_mask))
 
 
+def _boxed_init(config: ClipTextConfig, rng: jax.Array):
+    return CLIPTextTransformer(config).init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+
+
 def init_params(config: ClipTextConfig, rng: jax.Array):
     """Randomly initialised float32 parameters (shapes do not depend on the dummy sequence)."""
-    return CLIPTextTransformer(config).init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+    return sharding.unboxed(_boxed_init(config, rng))
 
 
 def abstract_params(config: ClipTextConfig):
     """ShapeDtypeStruct tree of the parameters, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def logical_axes(config: ClipTextConfig):
+    """The logical axes every parameter declares, as a tree of tuples like the parameters' (for
+    `jaxdit.sharding.param_specs`): the Megatron layout, as for T5."""
+    return sharding.declared_axes(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdit.layers import gelu_tanh, layer_norm
+from jaxdit.layers import declare, gelu_tanh, layer_norm
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -75,8 +75,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)
+        scale = self.param("scale", declare(nn.initializers.ones, ("norm",)), (dim,), jnp.float32)
+        bias = self.param("bias", declare(nn.initializers.zeros, ("norm",)), (dim,), jnp.float32)
         y = layer_norm(x.astype(jnp.float32), self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 

@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit import sharding
 from jaxdit.configs import check_field_types
-from jaxdit.layers import RMSNorm, dense
+from jaxdit.layers import RMSNorm, declare, dense
 from jaxdit.text.common import activation, check_input_ids, key_mask, self_attention
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -136,11 +137,12 @@ class T5Attention(nn.Module):
         b, t, _ = x.shape
 
         def heads(name):
-            return dense(cfg.inner_dim, name, dt, use_bias=False)(x).reshape(b, t, cfg.num_heads, cfg.d_kv)
+            y = dense(cfg.inner_dim, name, dt, use_bias=False, axes=("embed", "heads"))(x)  # column-parallel
+            return y.reshape(b, t, cfg.num_heads, cfg.d_kv)
 
         # scale 1: T5 folds the scale into its initialisation and never divides by sqrt(d_kv).
         out = self_attention(heads("q"), heads("k"), heads("v"), 1.0, bias=position_bias, mask=mask)
-        return dense(cfg.d_model, "o", dt, use_bias=False)(out.reshape(b, t, cfg.inner_dim))
+        return dense(cfg.d_model, "o", dt, use_bias=False, axes=("heads", "embed"))(out.reshape(b, t, cfg.inner_dim))
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -160,8 +162,8 @@ class T5DenseActDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
-        h = activation(cfg.dense_act_fn, "T5")(dense(cfg.d_ff, "wi", dt, use_bias=False)(x))
-        return dense(cfg.d_model, "wo", dt, use_bias=False)(h)
+        h = activation(cfg.dense_act_fn, "T5")(dense(cfg.d_ff, "wi", dt, use_bias=False, axes=("embed", "mlp"))(x))
+        return dense(cfg.d_model, "wo", dt, use_bias=False, axes=("mlp", "embed"))(h)
 
 
 class T5DenseGatedActDense(nn.Module):
@@ -172,8 +174,10 @@ class T5DenseGatedActDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
-        gate = activation(cfg.dense_act_fn, "T5")(dense(cfg.d_ff, "wi_0", dt, use_bias=False)(x))
-        return dense(cfg.d_model, "wo", dt, use_bias=False)(gate * dense(cfg.d_ff, "wi_1", dt, use_bias=False)(x))
+        column = {"use_bias": False, "axes": ("embed", "mlp")}
+        gate = activation(cfg.dense_act_fn, "T5")(dense(cfg.d_ff, "wi_0", dt, **column)(x))
+        up = dense(cfg.d_ff, "wi_1", dt, **column)(x)
+        return dense(cfg.d_model, "wo", dt, use_bias=False, axes=("mlp", "embed"))(gate * up)
 
 
 class T5LayerFF(nn.Module):
@@ -219,14 +223,17 @@ class T5Encoder(nn.Module):
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
         check_input_ids(input_ids, attention_mask, None, "T5Encoder")
         t = input_ids.shape[1]
-        x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32, name="shared")(input_ids)
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
+                     embedding_init=declare(nn.linear.default_embed_init, ("vocab", "embed")), name="shared")(input_ids)
         buckets = relative_position_buckets(t, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
-        # float32 bias, added to float32 logits whatever the compute dtype.
+        # float32 bias, added to float32 logits whatever the compute dtype; [buckets, heads], a few KB: replicated.
         bias = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, dtype=jnp.float32,
-                        param_dtype=jnp.float32, name="relative_attention_bias")(buckets)  # [T, T, H]
+                        param_dtype=jnp.float32, embedding_init=declare(nn.linear.default_embed_init, (None, None)),
+                        name="relative_attention_bias")(buckets)  # [T, T, H]
         position_bias = jnp.transpose(bias, (2, 0, 1))[None]  # [1, H, T, T]
         scan = nn.scan(T5Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = scan(cfg, name="block")(x, position_bias, key_mask(attention_mask))
         return RMSNorm(cfg.layer_norm_epsilon, name="final_layer_norm")(x)
 
@@ -238,11 +245,22 @@ def forward(params, config: T5EncoderConfig, input_ids: jax.Array,
                                    None if attention_mask is None else jnp.asarray(attention_mask))
 
 
+def _boxed_init(config: T5EncoderConfig, rng: jax.Array):
+    return T5Encoder(config).init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+
+
 def init_params(config: T5EncoderConfig, rng: jax.Array):
     """Randomly initialised float32 parameters (shapes do not depend on the dummy sequence)."""
-    return T5Encoder(config).init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+    return sharding.unboxed(_boxed_init(config, rng))
 
 
 def abstract_params(config: T5EncoderConfig):
     """ShapeDtypeStruct tree of the parameters, without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def logical_axes(config: T5EncoderConfig):
+    """The logical axes every parameter declares, as a tree of tuples like the parameters' (for
+    `jaxdit.sharding.param_specs`): q/k/v and the FFN input column-parallel, o and wo row-parallel, the
+    model width over `fsdp`, so a T5-XXL (19 GB in float32) is split, never replicated."""
+    return sharding.declared_axes(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
