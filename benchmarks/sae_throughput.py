@@ -112,7 +112,7 @@ def jaxdit_contender(shape: Shape, compute_dtype: str, mesh_sizes=(1, 1, 1), see
                                       auxk_width=None if auxk_program else 0)
     box = {"state": jax.jit(lambda: trainer.init_state(cfg, tc, optimizer, None), out_shardings=shardings)()}
     x = jax.device_put(jax.random.normal(jax.random.key(seed + 1), (shape.batch, shape.d), jnp.float32),
-                       NamedSharding(mesh, P(trainer.BATCH_AXES, None)))
+                       NamedSharding(mesh, trainer.BATCH_SPEC))
 
     def step():
         box["state"], box["metrics"] = step_fn(box["state"], x)

@@ -140,6 +140,17 @@ def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Logical axes of each parameter (names of `jaxdit.sharding.RULES`): the latents are split, the input
+# width is not (every latent shard reads every input feature).
+PARAM_AXES = {"W_enc": ("sae_in", "latents"), "b_enc": ("latents",), "W_dec": ("latents", "sae_in"),
+              "b_dec": ("sae_in",), "threshold": ("latents",)}
+
+
+def param_axes(cfg: SAEConfig) -> dict[str, tuple[str, ...]]:
+    """The logical axes of every parameter of `cfg`'s SAE, keyed like `param_shapes`."""
+    return {name: PARAM_AXES[name] for name in param_shapes(cfg)}
+
+
 def check_params(cfg: SAEConfig, params: Params, where: str = "SAE") -> None:
     """Raise naming the key and both shapes if `params` does not fit `cfg`."""
     want = param_shapes(cfg)

@@ -2,9 +2,10 @@
 
     cfg, params = train(data, out_dir, SAEConfig(d_in=3072, n_latents=49152, k=64), TrainConfig(steps=...))
 
-Sharding. The batch is split over ("data", "fsdp"), the latents over "tensor": W_enc P(None, 'tensor'),
-b_enc / threshold / dead counters P('tensor'), W_dec P('tensor', None), b_dec P(); Adam moments are
-sharded like their parameters. The loss runs inside `jax.shard_map` (`sae.train_loss` with the exact
+Sharding. Specs come from the parameters' logical axes (`sae.param_axes`) under the one
+`jaxdit.sharding.RULES` table: the batch is split over ("data", "fsdp"), the latents over "tensor": W_enc
+P(None, 'tensor'), b_enc / threshold / dead counters P('tensor'), W_dec P('tensor', None), b_dec P(); Adam
+moments are sharded like their parameters. The loss runs inside `jax.shard_map` (`sae.train_loss` with the exact
 two-stage TopK), so the [B, n] latents never leave their shard; gradients, the optimiser step and the
 decoder renormalisation (row-wise) run under GSPMD on the same shardings.
 
@@ -64,13 +65,14 @@ from tqdm.auto import tqdm
 
 from jaxdit import distributed
 from jaxdit.convert.checkpoint import atomic_file
-from jaxdit.sharding import make_mesh
+from jaxdit.sharding import RULES, logical_spec, make_mesh
 from jaxdit.train import sae
 from jaxdit.train.interop import save_sae
 from jaxdit.train.store import ArraySource, SlicedStream, Source, StoreError, open_source
 
-BATCH_AXES = ("data", "fsdp")
-LATENT_AXIS = "tensor"
+BATCH_AXES = RULES["batch"]
+(LATENT_AXIS,) = RULES["latents"]
+BATCH_SPEC = logical_spec(("batch", None))  # a [batch, d] array of activations
 DECAYS = ("linear", "cosine", "constant")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
@@ -183,10 +185,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def param_specs(cfg: sae.SAEConfig) -> dict[str, P]:
-    specs = {"W_enc": P(None, LATENT_AXIS), "b_enc": P(LATENT_AXIS), "W_dec": P(LATENT_AXIS, None), "b_dec": P()}
-    if "threshold" in sae.param_shapes(cfg):
-        specs["threshold"] = P(LATENT_AXIS)
-    return specs
+    """PartitionSpec of every SAE parameter (`check_mesh` makes the tensor axis divide the latents)."""
+    return {name: logical_spec(axes) for name, axes in sae.param_axes(cfg).items()}
 
 
 def mesh_for(sizes: tuple[int, int, int]) -> Mesh:
@@ -226,7 +226,7 @@ def state_shardings(cfg: sae.SAEConfig, optimizer, mesh: Mesh, abstract_state) -
     replicated = NamedSharding(mesh, P())
     opt = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt"], named,
                                            transform_non_params=lambda _: replicated)
-    return {"params": named, "opt": opt, "since_fired": NamedSharding(mesh, P(LATENT_AXIS)),
+    return {"params": named, "opt": opt, "since_fired": NamedSharding(mesh, logical_spec(("latents",))),
             "step": replicated, "bad_step": replicated}
 
 
@@ -280,7 +280,7 @@ def make_train_step(cfg: sae.SAEConfig, tc: TrainConfig, mesh: Mesh, optimizer, 
                      "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, count, state["bad_step"])}
         return new_state, {"loss": value, "lr": schedule(state["step"]), **aux}
 
-    return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, P(BATCH_AXES, None))),
+    return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, BATCH_SPEC)),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
@@ -304,7 +304,7 @@ def auxk_choice(step: int, max_since_fired: int, num_dead: int, cfg: sae.SAEConf
 def process_rows(mesh: Mesh, batch: int) -> tuple[int, int]:
     """The rows [start, stop) of a [batch, d] array sharded over the batch axes that this process's
     devices hold (all of them with one process; a block of them when the batch axes span processes)."""
-    index = NamedSharding(mesh, P(BATCH_AXES, None)).addressable_devices_indices_map((batch, 1))
+    index = NamedSharding(mesh, BATCH_SPEC).addressable_devices_indices_map((batch, 1))
     blocks = sorted({rows.indices(batch)[:2] for rows, _ in index.values()})
     start, stop = blocks[0][0], blocks[-1][1]
     if sum(b - a for a, b in blocks) != stop - start:  # a mesh of arbitrarily ordered devices
@@ -318,7 +318,7 @@ def _global_batch(local: np.ndarray, mesh: Mesh, batch: int, rows: tuple[int, in
         start, stop, _ = index[0].indices(batch)
         return local[start - rows[0]:stop - rows[0]]
 
-    return jax.make_array_from_callback((batch, local.shape[1]), NamedSharding(mesh, P(BATCH_AXES, None)), block)
+    return jax.make_array_from_callback((batch, local.shape[1]), NamedSharding(mesh, BATCH_SPEC), block)
 
 
 def _streams(tc: TrainConfig) -> int:
