@@ -20,10 +20,13 @@ FOREGROUND_WEIGHT = 4.0
 
 # Data mixes: object-count probabilities (1 / 2 / 3 objects) of the scenes, and the edit kinds' weights
 # (in edits.KINDS order; None = uniform). "binding" puts the weight on what a run of "uniform" learns last:
-# two- and three-object scenes (binding each colour and place to its shape) and replace edits.
+# two- and three-object scenes (binding each colour and place to its shape) and replace edits; "pairs" puts
+# it on two-object scenes, where a run of "binding" still swaps colours and places between the objects.
+_REPLACE_x3 = tuple(3.0 if k == "replace" else 1.0 for k in KINDS)
 MIXES = {
     "uniform": {"counts": OBJECT_COUNTS, "kind_weights": None},
-    "binding": {"counts": (0.2, 0.45, 0.35), "kind_weights": tuple(3.0 if k == "replace" else 1.0 for k in KINDS)},
+    "binding": {"counts": (0.2, 0.45, 0.35), "kind_weights": _REPLACE_x3},
+    "pairs": {"counts": (0.15, 0.6, 0.25), "kind_weights": _REPLACE_x3},
 }
 
 
