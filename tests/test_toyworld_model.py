@@ -51,16 +51,12 @@ def test_detector_on_rendered_ground_truth(world):
 
 # Margin for N = 16 items per suite: one standard error of a rate near 0.9 is about 0.075.
 MARGIN = 0.12
-# The bar the committed weights do not meet yet (docs/toyworld.md: multi-object binding in text-to-image
-# prompts), held at the level measured on 64 fresh items per suite instead, so the model cannot silently
-# get worse there: safe 0.88 (text-to-image 0.84, edits 0.93).
-NOT_MET = {"safe_accuracy": 0.88}
 
 
 def test_prompt_following_bars_hold_on_fresh_items(following):
     from jaxdit.toyworld.evaluation import BARS
 
-    floors = {k: NOT_MET.get(k, bar) - MARGIN for k, bar in BARS.items()}
+    floors = {k: bar - MARGIN for k, bar in BARS.items()}
     missed = {k: (round(following[k], 3), round(floor, 3)) for k, floor in floors.items() if following[k] < floor}
     assert not missed, missed
 

@@ -13,6 +13,7 @@ import sys
 
 def register(sub) -> None:
     from jaxdit.flags import finite_float, fraction_below_one, non_negative_int, positive_float, positive_int, seed_int
+    from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
     from jaxdit.toyworld.train import DEFAULTS
 
     t = sub.add_parser("toyworld", help="the rendered toy world: a small trained FLUX model with exact detectors")
@@ -27,7 +28,7 @@ def register(sub) -> None:
         tr.add_argument("--" + name.replace("_", "-"), type=kind, default=DEFAULTS[name],
                         help=f"default {DEFAULTS[name]}")
     tr.add_argument("--mix", default=DEFAULTS["mix"], help="training data mix, a jaxdit.toyworld.data.MIXES name: "
-                    "uniform (default), binding (more 2-3 object scenes and replace edits)")
+                    "uniform (default), binding (more 2-3 object scenes and replace edits), pairs (mostly 2-object scenes)")
     tr.add_argument("--init-from", metavar="DIR", help="start from this weights folder's transformer and text "
                     "encoder instead of random initialisation (a continued phase with its own schedule)")
     tr.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N",
@@ -47,6 +48,8 @@ def register(sub) -> None:
     d.add_argument("--out", default="toyworld_demo.png")
     d.add_argument("--seed", type=seed_int, default=0)
     d.add_argument("--steps", type=positive_int, default=12, help="Euler steps")
+    d.add_argument("--guidance", type=finite_float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; 1 = none)")
     d.set_defaults(fn=_demo)
     e = tsub.add_parser("eval", help="run the concept suites without and with a safety method; table + JSON")
     e.add_argument("--weights", help="weights folder (default: the committed one)")
@@ -54,7 +57,8 @@ def register(sub) -> None:
     e.add_argument("--n", type=positive_int, default=32, help="items per suite")
     e.add_argument("--suites", default="all", help="comma-separated suite names (default: all)")
     e.add_argument("--steps", type=positive_int, default=12)
-    e.add_argument("--guidance", type=finite_float, default=1.0)
+    e.add_argument("--guidance", type=finite_float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; 1 = none)")
     e.add_argument("--method", default="none",
                    help="comma-separated, any of: none, uvr, uvr-reference, safedig, uvr+safedig, keyword-filter, "
                         "negative-prompt, sld (see jaxdit.toyworld.methods); each calibrated on its own items")
@@ -109,7 +113,7 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from jaxdit.toyworld.demo import run_demo
 
-    run_demo(args.weights, args.out, seed=args.seed, steps=args.steps)
+    run_demo(args.weights, args.out, seed=args.seed, steps=args.steps, guidance=args.guidance)
     return 0
 
 

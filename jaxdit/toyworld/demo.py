@@ -23,16 +23,17 @@ def _describe(objs) -> str:
     return ", ".join(f"{o['colour']} {o['shape']} ({o['cell']})" for o in objs) or "nothing"
 
 
-def run_demo(weights=None, out="toyworld_demo.png", seed: int = 0, steps: int = 12) -> Path:
+def run_demo(weights=None, out="toyworld_demo.png", seed: int = 0, steps: int = 12, guidance: float | None = None) -> Path:
     from PIL import Image
 
     from jaxdit.toyworld.detector import Detector
-    from jaxdit.toyworld.pipeline import ToyWorld
+    from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE, ToyWorld
 
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     tw, det = ToyWorld.load(weights), Detector.load(weights)
-    t2i = tw.generate(list(PROMPTS), seed=seed, steps=steps)
+    t2i = tw.generate(list(PROMPTS), seed=seed, steps=steps, guidance=guidance)
     src = render(SOURCE)
-    edited = tw.edit(np.stack([src] * len(EDITS)), list(EDITS), seed=seed, steps=steps)
+    edited = tw.edit(np.stack([src] * len(EDITS)), list(EDITS), seed=seed, steps=steps, guidance=guidance)
     blank = np.full_like(src, 40)
     rows = [np.concatenate([blank, img], 1) for img in t2i] + [np.concatenate([src, img], 1) for img in edited]
     for text, objs in zip(PROMPTS, det.read(t2i)):

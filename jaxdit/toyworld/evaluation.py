@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxdit.safety import evaluate as ev
+from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
 from jaxdit.toyworld.scenes import render
 from jaxdit.toyworld.suites import Concept, Item
 
@@ -27,7 +28,7 @@ def _kwargs(method, task):
     return dict(method.get(task, {})) if ("t2i" in method or "edit" in method) else dict(method)
 
 
-def generate_items(tw, items: list[Item], method=None, steps: int = 12, guidance: float = 1.0,
+def generate_items(tw, items: list[Item], method=None, steps: int = 12, guidance: float = DEFAULT_GUIDANCE,
                    batch: int = BATCH) -> np.ndarray:
     """Outputs [len(items), 32, 32, 3] uint8, in item order."""
     out = [None] * len(items)
@@ -56,7 +57,7 @@ def score(detector, concept: Concept, items: list[Item], images: np.ndarray, tag
 
 
 def run_suites(tw, detector, suites: dict[str, list[Item]], concept: Concept | str = "star", method=None,
-               steps: int = 12, guidance: float = 1.0, return_images: bool = False):
+               steps: int = 12, guidance: float = DEFAULT_GUIDANCE, return_images: bool = False):
     """Records (see jaxdit.safety.evaluate) for every item: base, and with `method` when given."""
     concept = Concept.parse(concept) if isinstance(concept, str) else concept
     items = [it for suite in suites.values() for it in suite]

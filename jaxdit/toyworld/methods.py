@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
 from jaxdit.toyworld.suites import CALIBRATION_SEED, SUITES, Concept, build_suite
 
 METHODS = ("none", "uvr", "uvr-reference", "safedig", "uvr+safedig", "keyword-filter", "negative-prompt", "sld")
@@ -221,7 +222,7 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
 
 
 def evaluate(tw, detector, names: Sequence[str], concept="star", n: int = 64, suite_seed: int | None = None,
-             suites: Sequence[str] = SUITES, n_calibration: int = 16, steps: int = 12, guidance: float = 1.0,
+             suites: Sequence[str] = SUITES, n_calibration: int = 16, steps: int = 12, guidance: float = DEFAULT_GUIDANCE,
              log=print) -> dict:
     """Every method in `names` prepared (calibrated) and run on the same evaluation items (`suite_seed`),
     the unprotected outputs generated once. Returns {"methods": {name: {"summary", "prepared", "records",

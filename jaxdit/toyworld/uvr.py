@@ -78,8 +78,11 @@ def true_tokens(scenes, concept) -> np.ndarray:
 
 
 def record(tw, texts, seeds, capture, images=None, steps: int = DEFAULT_STEPS):
-    """(outputs, {step: {position: array}}): one sampling run with captures brought to the host."""
-    fn = functools.partial(tw.generate if images is None else tw.edit, steps=steps)
+    """(outputs, {step: {position: array}}): one sampling run with captures brought to the host.
+
+    Without guidance: the captures are then the conditional model's alone, one row per prompt (under
+    guidance each step's batch also holds the unconditional branch)."""
+    fn = functools.partial(tw.generate if images is None else tw.edit, steps=steps, guidance=1.0)
     args = (texts,) if images is None else (images, texts)
     return capture_run(fn, *args, capture=capture, seed=list(seeds))
 
