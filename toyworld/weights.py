@@ -1,4 +1,4 @@
-"""The toy-world weights folder (committed under jaxdit/toyworld/weights/).
+"""The toy-world weights folder (committed under toyworld/weights/, the package jaxdit.toyworld).
 
     transformer/     a jaxdit checkpoint: `jaxdit.load_transformer(path)` reads it like any other
     text_encoder/    orbax tree of the T5 encoder, with t5_config.json beside it

@@ -1,7 +1,7 @@
 """`jaxdit toyworld train|demo|eval`.
 
-    jaxdit toyworld train --run DIR [--seed 0 --steps 3000] [--export jaxdit/toyworld/weights]
-    jaxdit toyworld train --detector [--seed 0] [--export jaxdit/toyworld/weights]
+    jaxdit toyworld train --run DIR [--seed 0 --steps 3000] [--export toyworld/weights]
+    jaxdit toyworld train --detector [--seed 0] [--export toyworld/weights]
     jaxdit toyworld demo [--weights DIR] [--out toyworld_demo.png] [--seed 0 --steps 12]
     jaxdit toyworld eval [--concept star] [--method none|uvr] [--n 32] [--out DIR]
 """

@@ -155,10 +155,11 @@ def curve_point(params, cfg: M.ToyConfig, tok: WordTokenizer, detector, n: int =
 
 
 def _weights_folder(path) -> Path:
-    """A weights folder as given, or as a path inside the repository (how a record names it) from elsewhere."""
+    """A weights folder as given, or, for a record's `toyworld/NAME` from elsewhere, the package's own folder
+    NAME (the repository's toyworld/ is the package jaxdit.toyworld, wherever it is installed)."""
     folder = Path(path)
-    if not folder.is_absolute() and not folder.exists():
-        folder = Path(__file__).resolve().parents[2] / folder
+    if not folder.is_absolute() and not folder.exists() and folder.parts[:1] == ("toyworld",):
+        folder = Path(__file__).resolve().parent.joinpath(*folder.parts[1:])
     return folder
 
 
@@ -335,7 +336,7 @@ def _reproduce(hyper: dict, steps: int) -> str:
     extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in hyper.items()
                     if k not in ("seed", "steps") and v != DEFAULTS.get(k))
     return (f"jaxdit toyworld train --run RUN --seed {hyper['seed']} --steps {steps}{extra} "
-            f"--export jaxdit/toyworld/weights")
+            f"--export toyworld/weights")
 
 
 def export_from_run(run, out, command: str = "", which: str = "ema") -> dict:
