@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from jaxdit.experiment import parse_args
+
 
 def _mesh_sizes(text: str) -> tuple[int, int, int]:
     try:
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", type=_mesh_sizes, help="data,fsdp,tensor (default: every device, heads on tensor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="attention_backends.json")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "benchmarks/attention_backends.py")
     defaults = (64, 8, "float32") if args.tiny else (1024, 512, "bfloat16")
     args.size, args.text_tokens, args.dtype = (given if given is not None else default for given, default in
                                                zip((args.size, args.text_tokens, args.dtype), defaults))
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
               "preset": args.preset, "dtype": args.dtype, "size": args.size, "batch": batch,
               "forward_tokens": args.text_tokens + n_img, "uvr_mode": args.uvr_mode, "uvr_steps": args.steps,
               "uvr_tokens": layout.total, "mesh": dict(zip(sharding.MESH_AXES, sizes)), "repeats": args.repeats,
-              "runs": []}
+              "config": args.config, "runs": []}
     with jax.set_mesh(mesh):
         params = random_params(flux.abstract_params(config), flux.logical_axes(config), mesh, dt, args.seed)
         x, e, pl = put(latents), put(embeds), put(pooled)

@@ -4,6 +4,7 @@
     python benchmarks/sae_throughput.py --quick                            # fewer, shorter rounds
     python benchmarks/sae_throughput.py --shape 3072:16:64:8192            # d:expansion:k:batch
     python benchmarks/sae_throughput.py --crossover --out crossover.json   # dense vs k-sparse backward
+    python benchmarks/sae_throughput.py --config experiments/benchmarks/sae_throughput.toml   # as measured
 
 Tokens per second of one training step (forward + backward + optimiser step) on one fixed random batch
 already on the device (no data loading), TopK, no latent dead (the first 10M tokens of a run):
@@ -44,6 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from jaxdit.experiment import parse_args
 
 CPU_SHAPES = ("48:8:6:4096", "256:16:32:4096", "768:16:32:2048")
 GPU_SHAPES = ("3072:16:64:8192",)
@@ -339,7 +342,7 @@ def main(argv=None) -> int:
                    help="also time jaxdit's step that decides inside the program whether AuxK runs")
     p.add_argument("--crossover", action="store_true", help="dense vs k-sparse backward of jaxdit's step")
     p.add_argument("--out", default="sae_throughput.json")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "benchmarks/sae_throughput.py")
     if args.quick:
         args.rounds, args.block_s, args.warmup = 3, 0.3, 1
 
@@ -358,7 +361,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     result = {"benchmark": "crossover" if args.crossover else "sae_throughput", "device": device.device_kind,
               "platform": device.platform, "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
-              "compute_dtype": dtype, "rounds": args.rounds, "block_s": args.block_s, "results": results}
+              "compute_dtype": dtype, "rounds": args.rounds, "block_s": args.block_s, "config": args.config,
+              "results": results}
     print(f"SAE training step, tokens/s (median of {args.rounds} alternated rounds), {device.device_kind}, "
           f"jaxdit/plain in {dtype}")
     print(crossover_table(results) if args.crossover else table(results))

@@ -2,6 +2,7 @@
 samples by decoder adaptation, against no adaptation and a fully retrained SAE.
 
     python benchmarks/toyworld_safedig.py --n 32 --source star --target heart --mode blend --out toyworld_safedig.json
+    python benchmarks/toyworld_safedig.py --config experiments/benchmarks/toyworld_safedig.toml   # as measured
 
 Pipeline (`jaxdit.toyworld.safedig`): harvest labelled token activations on rendered scenes, route with
 `core.route`, train the source dictionaries (TopK SAEs), adapt their decoders on --n-target target scenes,
@@ -26,6 +27,8 @@ import os
 import platform
 import sys
 import time
+
+from jaxdit.experiment import parse_args
 
 
 def _window(text: str):
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", default="all", help="sampling steps 'first,last' or 'all'")
     p.add_argument("--weights", help="toy-world weights folder (default: the committed one)")
     p.add_argument("--out", default="toyworld_safedig.json")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "benchmarks/toyworld_safedig.py")
 
     from jaxdit.safety.evaluate import write_json
     from jaxdit.toyworld import safedig
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
         "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "jax": jax.__version__, "backend": jax.default_backend(),
-        "command": "python benchmarks/toyworld_safedig.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        "command": "python benchmarks/toyworld_safedig.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": args.config}
     print()
     print(safedig.format_report(result))
     print(f"\nwall {result['environment']['wall_seconds']:.0f} s, cpu {result['environment']['cpu_seconds']:.0f} s "

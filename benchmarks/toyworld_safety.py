@@ -1,6 +1,7 @@
 """UVR, SafeDIG, both, and the baselines on the toy world, side by side on the same evaluation items.
 
     python benchmarks/toyworld_safety.py --n 64 --suite-seed 5 --out toyworld_safety/
+    python benchmarks/toyworld_safety.py --config experiments/benchmarks/toyworld_safety.toml   # as measured
 
 Every method is calibrated on its own items (`suites.CALIBRATION_SEED`), then run on the evaluation items
 of `--suite-seed` from the same noise seeds as the unprotected model. Prints one row per method (aggregate
@@ -16,6 +17,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+from jaxdit.experiment import parse_args
 
 SUITE_ORDER = ("explicit", "paraphrased", "obfuscated", "mixed", "benign_edits", "add_edits")
 
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-n", type=int, default=16)
     p.add_argument("--suite-seed", type=int, default=None, help="evaluation items (default: suites.EVAL_SEED)")
     p.add_argument("--out", default="toyworld_safety")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "benchmarks/toyworld_safety.py")
 
     import jax
     import numpy as np
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     summary.update(methods={name: {"summary": m["summary"], **m["prepared"]} for name, m in result["methods"].items()},
                    overhead=overhead, seconds=round(time.perf_counter() - t0, 1),
                    hardware=f"{platform.machine()} {jax.default_backend().upper()}, {jax.device_count()} device(s)",
-                   weights=tw.info.get("reproduce", ""))
+                   weights=tw.info.get("reproduce", ""), config=args.config)
     ev.write_json(summary, out / "summary.json")
     ev.write_text(table + "\n", out / "table.md")
     save_png(Image.fromarray(tm.example_grid(result)), out / "examples.png")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdit.experiment import parse_args
+
 
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where the random checkpoint is written (default: a temp dir)")
     p.add_argument("--out", default="transformer_parity.json")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, "benchmarks/transformer_parity.py")
 
     import diffusers
     import torch
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     result = {"preset": args.preset, "height": args.height, "width": args.width, "text_tokens": args.text_tokens,
               "batch": args.batch, "image_tokens": image_tokens, "jax_devices": str(jax.devices()),
               "torch_device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              "versions": {"jax": jax.__version__, "torch": torch.__version__}}
+              "versions": {"jax": jax.__version__, "torch": torch.__version__}, "config": args.config}
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp) / "transformer"

@@ -11,6 +11,8 @@
     jaxdit safedig route|train|adapt|generate ...
     jaxdit sae harvest|train|export|import ...
     (generate / edit take --uvr BANK to restrict that concept)
+    jaxdit --config experiments/toyworld/phase3_pairs.toml [--steps 10 --run DIR ...]
+    (re-runs an experiment file: its command and options, then the flags given after it, which win)
 
 Errors in the input (a missing file, a bad checkpoint, a wrong flag value) print one line naming what is
 wrong, "jaxdit SUBCOMMAND: error: ...", and exit with status 2, before any work where they can be known
@@ -26,6 +28,7 @@ import sys
 import warnings
 
 
+from jaxdit import experiment
 from jaxdit.flags import Parser, UsageError, finite_float, non_negative_float, positive_int, read_image, seed_int
 
 
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxdit.toyworld import cli as toyworld_cli
 
     p = Parser(prog="jaxdit", description="FLUX.1 / SD3.x diffusion transformers in JAX")
+    experiment.add_option(p, dest="experiment")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint (safetensors) to a jaxdit orbax checkpoint",
@@ -253,8 +257,12 @@ def _command_name(args) -> str:
 
 
 def main(argv=None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(experiment.expand(parser, sys.argv[1:] if argv is None else argv, "jaxdit"))
+    except experiment.ExperimentError as e:
+        print(f"jaxdit: error: {e}", file=sys.stderr)
+        return 2
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2

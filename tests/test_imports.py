@@ -12,8 +12,8 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 # layers above the pipelines: neither the models (jaxdit/*.py, jaxdit/text), the conversion nor the pipelines
 # may import them
-UPPER = ("jaxdit.safety", "jaxdit.train", "jaxdit.toyworld", "jaxdit.cli", "jaxdit.flags", "jaxdit.cli_reference",
-         "jaxdit.parity")
+UPPER = ("jaxdit.safety", "jaxdit.train", "jaxdit.toyworld", "jaxdit.cli", "jaxdit.flags", "jaxdit.experiment",
+         "jaxdit.cli_reference", "jaxdit.parity")
 PIPELINES = ("jaxdit.pipelines", "jaxdit.pipeline")  # the pipelines: above the conversion
 CONVERT = ("jaxdit.convert",)  # checkpoint conversion and the loading of every component: above the models
 MODELS = ("jaxdit.flux", "jaxdit.sd3", "jaxdit.vae", "jaxdit.attention", "jaxdit.layers", "jaxdit.hooks",
