@@ -157,6 +157,29 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # refused before any work
 
 
+def test_pooled_off_keeps_the_pooled_projection_exactly_zero(tmp_path):
+    """`train --pooled off`: the pooled-text projection starts at zero and stays exactly zero through
+    AdamW steps (its gradient dropped), everything else trains, and the record says how to reproduce it."""
+    import jax
+
+    from jaxdit.toyworld import model as M, train as T
+    from jaxdit.toyworld.pipeline import ToyWorld
+
+    info = T.train(tmp_path / "r", seed=4, steps=2, t2i_batch=2, edit_batch=2, pooled="off",
+                   export=str(tmp_path / "w"), progress=False)
+    assert info["hyper"]["pooled"] == "off" and "--pooled off" in info["reproduce"]
+    tw = ToyWorld.load(tmp_path / "w")
+    kernel = tw.params
+    for k in T.POOLED_KERNEL:
+        kernel = kernel[k]
+    assert kernel.size and not np.asarray(kernel).any()
+    start = T.initial_params(M.ToyConfig(tw.flux_config, tw.t5_config), 4, pooled="off")
+    assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(tw.params)))
+    with pytest.raises(ValueError, match="--pooled 'maybe'"):
+        T.train(tmp_path / "r2", steps=1, pooled="maybe", progress=False)
+    assert not (tmp_path / "r2").exists()
+
+
 def test_a_continued_phase_starts_from_the_given_weights_and_chains_the_records(tmp_path):
     """`train --init-from DIR --mix binding`: starts at DIR's weights (not a random initialisation), uses the
     other mix's batches, records DIR's training record as its base, and the curves chain in time and steps."""

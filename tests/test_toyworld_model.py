@@ -84,9 +84,10 @@ def test_committed_weights_are_what_the_recorded_commands_produce(world):
         assert info["reproduce"].startswith(f"jaxdit toyworld train --run RUN --seed {hyper['seed']} "
                                             f"--steps {hyper['steps']}")
         opt = T.make_optimizer(hyper["lr"], hyper["warmup"], hyper["steps"])
-        params = T.initial_params(cfg, hyper["seed"], hyper.get("init_from"))
+        pooled = hyper.get("pooled", "mean")
+        params = T.initial_params(cfg, hyper["seed"], hyper.get("init_from"), pooled)
         state = {"params": params, "ema": params, "opt_state": opt.init(params)}
-        step_fn = T.make_step(cfg, opt, hyper["ema"])
+        step_fn = T.make_step(cfg, opt, hyper["ema"], pooled)
         key = jax.random.key(hyper["seed"] + 1)
         for rec in first:
             step = rec["step"] - 1

@@ -29,6 +29,9 @@ def register(sub) -> None:
                         help=f"default {DEFAULTS[name]}")
     tr.add_argument("--mix", default=DEFAULTS["mix"], help="training data mix, a jaxdit.toyworld.data.MIXES name: "
                     "uniform (default), binding (more 2-3 object scenes and replace edits), pairs (mostly 2-object scenes)")
+    tr.add_argument("--pooled", choices=["mean", "off"], default=DEFAULTS["pooled"],
+                    help="the transformer's pooled-text input: mean (the masked mean of the text states, default) "
+                         "or off (its projection held at zero: the prompt reaches the image only through attention)")
     tr.add_argument("--init-from", metavar="DIR", help="start from this weights folder's transformer and text "
                     "encoder instead of random initialisation (a continued phase with its own schedule)")
     tr.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N",
@@ -104,7 +107,8 @@ def _train(args) -> int:
             detector = Detector.load(args.detector_weights)
         info = train(args.run, seed=args.seed, steps=args.steps or DEFAULTS["steps"], t2i_batch=args.t2i_batch,
                      edit_batch=args.edit_batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
-                     mix=args.mix, init_from=args.init_from, eval_every=args.eval_every, eval_n=args.eval_n, detector=detector, export=args.export,
+                     mix=args.mix, init_from=args.init_from, pooled=args.pooled,
+                     eval_every=args.eval_every, eval_n=args.eval_n, detector=detector, export=args.export,
                      command=_command(), progress=not args.no_progress)
     print(json.dumps(info, indent=2))
     return 0

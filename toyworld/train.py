@@ -37,7 +37,23 @@ from jaxdit.toyworld.data import training_batch
 from jaxdit.toyworld.tokenizer import WordTokenizer
 
 DEFAULTS = dict(seed=0, steps=7000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
-                checkpoint_every=200, mix="uniform", init_from=None)
+                checkpoint_every=200, mix="uniform", init_from=None, pooled="mean")
+# What the transformer's pooled-text input is: "mean", the masked mean of the T5 states (FLUX takes CLIP's
+# pooled vector there); "off", that input's projection held at exactly zero (kernel zero, its gradient
+# dropped), so the prompt reaches the image only through attention, never through the blocks' modulation.
+POOLED = ("mean", "off")
+POOLED_KERNEL = ("transformer", "time_text_embed", "text_embedder", "linear_1", "kernel")
+
+
+def _at(tree, path, fn):
+    """`tree` with the leaf at `path` (a tuple of keys) replaced by fn(leaf)."""
+    head, *rest = path
+    return {**tree, head: _at(tree[head], rest, fn) if rest else fn(tree[head])}
+
+
+def without_pooled(tree):
+    """Parameters (or gradients) with the pooled-text projection's kernel zero."""
+    return _at(tree, POOLED_KERNEL, jnp.zeros_like)
 FINAL_LR_FRACTION = 0.05
 FIRST_STEPS = 3  # losses of the first steps, recorded with the weights so a test can re-run them
 CURVE_SEED = 3_000_017  # items of the learning curve: disjoint from evaluation (suites.EVAL_SEED) and calibration
@@ -72,7 +88,7 @@ def make_optimizer(lr, warmup, steps):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
 
 
-def make_step(cfg: M.ToyConfig, opt, ema_decay: float):
+def make_step(cfg: M.ToyConfig, opt, ema_decay: float, pooled: str = "mean"):
     @jax.jit
     def step(state, batch, key):
         params, ema, opt_state = state["params"], state["ema"], state["opt_state"]
@@ -85,6 +101,8 @@ def make_step(cfg: M.ToyConfig, opt, ema_decay: float):
             return lt + le, (lt, le)
 
         (loss, (lt, le)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if pooled == "off":  # a zero kernel with zero gradient stays exactly zero under AdamW
+            grads = without_pooled(grads)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
@@ -94,9 +112,9 @@ def make_step(cfg: M.ToyConfig, opt, ema_decay: float):
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_step(cfg: M.ToyConfig, lr: float, warmup: int, steps: int, ema_decay: float):
+def compiled_step(cfg: M.ToyConfig, lr: float, warmup: int, steps: int, ema_decay: float, pooled: str = "mean"):
     """The jitted step for these settings, built once per process (a resumed run does not recompile)."""
-    return make_step(cfg, make_optimizer(lr, warmup, steps), ema_decay)
+    return make_step(cfg, make_optimizer(lr, warmup, steps), ema_decay, pooled)
 
 
 def debiased_ema(ema, init, decay: float, steps: int):
@@ -163,9 +181,15 @@ def _weights_folder(path) -> Path:
     return folder
 
 
-def initial_params(cfg: M.ToyConfig, seed: int, init_from=None):
+def initial_params(cfg: M.ToyConfig, seed: int, init_from=None, pooled: str = "mean"):
     """Random initialisation from `seed`, or the transformer and text encoder of the weights folder
-    `init_from` (a continued phase of training: a new schedule and data mix on trained weights)."""
+    `init_from` (a continued phase of training: a new schedule and data mix on trained weights);
+    pooled "off" zeroes the pooled-text projection (see POOLED)."""
+    params = _initial_params(cfg, seed, init_from)
+    return without_pooled(params) if pooled == "off" else params
+
+
+def _initial_params(cfg: M.ToyConfig, seed: int, init_from=None):
     if init_from is None:
         return M.init_params(cfg, jax.random.key(seed))
     from jaxdit.toyworld.pipeline import ToyWorld
@@ -186,12 +210,12 @@ def _base_info(init_from) -> dict | None:
 
 
 def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
-          mix: str = "uniform", init_from: str | None = None,
+          mix: str = "uniform", init_from: str | None = None, pooled: str = "mean",
           checkpoint_every=200, eval_every: int = 0, eval_n: int = 16, detector=None,
           export: str | None = None, command: str = "", progress=True) -> dict:
     """Train (resuming from the latest state in `run`), then export the debiased EMA weights to `export`.
 
-    mix: a `data.MIXES` name. init_from: a weights folder to start from instead of random initialisation
+    mix: a `data.MIXES` name. pooled: one of POOLED. init_from: a weights folder to start from instead of random initialisation
     (its training record is kept in the export's `base`).
     eval_every > 0: every that many steps (and at the end) append a learning-curve point to curve.jsonl,
     read by `detector` (a jaxdit.toyworld.detector.Detector).
@@ -200,14 +224,18 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
 
     if mix not in MIXES:
         raise ValueError(f"--mix {mix!r}: expected one of {sorted(MIXES)}")
+    if pooled not in POOLED:
+        raise ValueError(f"--pooled {pooled!r}: expected one of {list(POOLED)}")
     run = Path(run).absolute()  # orbax needs absolute paths
     hyper = dict(seed=seed, steps=steps, t2i_batch=t2i_batch, edit_batch=edit_batch, lr=lr, warmup=warmup, ema=ema)
     if (mix, init_from) != ("uniform", None):  # keys of the first phase's record stay as they were
         hyper.update(mix=mix, init_from=None if init_from is None else str(init_from))
+    if pooled != "mean":
+        hyper["pooled"] = pooled
     tok = WordTokenizer.from_grammar()
     cfg = M.ToyConfig(M.FLUX_CONFIG, M.t5_config(len(tok)))
     opt = make_optimizer(lr, warmup, steps)
-    init = initial_params(cfg, seed, init_from)
+    init = initial_params(cfg, seed, init_from, pooled)
     base = _base_info(init_from)
     run.mkdir(parents=True, exist_ok=True)
     state = {"params": init, "ema": init, "opt_state": opt.init(init)}
@@ -220,7 +248,7 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
                              "the learning-rate schedule depends on --steps, so resume with the run's own")
         state = ocp.StandardCheckpointer().restore(path / "state", jax.tree.map(np.asarray, state))
     (run / "hyper.json").write_text(json.dumps(hyper))
-    step_fn = compiled_step(cfg, lr, warmup, steps, ema)
+    step_fn = compiled_step(cfg, lr, warmup, steps, ema, pooled)
     key = jax.random.key(seed + 1)
     elapsed = json.loads((run / "elapsed.json").read_text())["seconds"] if (run / "elapsed.json").exists() else 0.0
     t0, eval_seconds = time.time(), 0.0
@@ -364,6 +392,7 @@ def export_from_run(run, out, command: str = "", which: str = "ema") -> dict:
     if base is not None:
         info["base"] = base
     weights = (state["params"] if which == "params" else
-               debiased_ema(state["ema"], initial_params(cfg, hyper["seed"], hyper.get("init_from")), hyper["ema"], step))
+               debiased_ema(state["ema"], initial_params(cfg, hyper["seed"], hyper.get("init_from"), hyper.get("pooled", "mean")),
+                            hyper["ema"], step))
     save_weights(out, cfg, jax.device_get(weights), tok, info)
     return info
