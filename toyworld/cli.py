@@ -14,7 +14,7 @@ import sys
 def register(sub) -> None:
     from jaxdit.flags import finite_float, fraction_below_one, non_negative_int, positive_float, positive_int, seed_int
     from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
-    from jaxdit.toyworld.train import DEFAULTS
+    from jaxdit.toyworld.train import DEFAULTS, POOLED
 
     t = sub.add_parser("toyworld", help="the rendered toy world: a small trained FLUX model with exact detectors")
     tsub = t.add_subparsers(dest="toyworld_command", required=True)
@@ -29,7 +29,7 @@ def register(sub) -> None:
                         help=f"default {DEFAULTS[name]}")
     tr.add_argument("--mix", default=DEFAULTS["mix"], help="training data mix, a jaxdit.toyworld.data.MIXES name: "
                     "uniform (default), binding (more 2-3 object scenes and replace edits), pairs (mostly 2-object scenes)")
-    tr.add_argument("--pooled", choices=["mean", "off"], default=DEFAULTS["pooled"],
+    tr.add_argument("--pooled", choices=POOLED, default=DEFAULTS["pooled"],
                     help="the transformer's pooled-text input: mean (the masked mean of the text states, default) "
                          "or off (its projection held at zero: the prompt reaches the image only through attention)")
     tr.add_argument("--init-from", metavar="DIR", help="start from this weights folder's transformer and text "

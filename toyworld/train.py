@@ -44,16 +44,6 @@ DEFAULTS = dict(seed=0, steps=7000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup
 POOLED = ("mean", "off")
 POOLED_KERNEL = ("transformer", "time_text_embed", "text_embedder", "linear_1", "kernel")
 
-
-def _at(tree, path, fn):
-    """`tree` with the leaf at `path` (a tuple of keys) replaced by fn(leaf)."""
-    head, *rest = path
-    return {**tree, head: _at(tree[head], rest, fn) if rest else fn(tree[head])}
-
-
-def without_pooled(tree):
-    """Parameters (or gradients) with the pooled-text projection's kernel zero."""
-    return _at(tree, POOLED_KERNEL, jnp.zeros_like)
 FINAL_LR_FRACTION = 0.05
 FIRST_STEPS = 3  # losses of the first steps, recorded with the weights so a test can re-run them
 CURVE_SEED = 3_000_017  # items of the learning curve: disjoint from evaluation (suites.EVAL_SEED) and calibration
@@ -86,6 +76,17 @@ def flow_loss(params, cfg: M.ToyConfig, images, ids, mask, key, context=None, we
 def make_optimizer(lr, warmup, steps):
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * FINAL_LR_FRACTION)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+
+
+def _at(tree, path, fn):
+    """`tree` with the leaf at `path` (a tuple of keys) replaced by fn(leaf)."""
+    head, *rest = path
+    return {**tree, head: _at(tree[head], rest, fn) if rest else fn(tree[head])}
+
+
+def without_pooled(tree):
+    """Parameters (or gradients) with the pooled-text projection's kernel zero."""
+    return _at(tree, POOLED_KERNEL, jnp.zeros_like)
 
 
 def make_step(cfg: M.ToyConfig, opt, ema_decay: float, pooled: str = "mean"):
@@ -215,8 +216,8 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
           export: str | None = None, command: str = "", progress=True) -> dict:
     """Train (resuming from the latest state in `run`), then export the debiased EMA weights to `export`.
 
-    mix: a `data.MIXES` name. pooled: one of POOLED. init_from: a weights folder to start from instead of random initialisation
-    (its training record is kept in the export's `base`).
+    mix: a `data.MIXES` name. pooled: one of POOLED. init_from: a weights folder to start from instead of
+    random initialisation (its training record is kept in the export's `base`).
     eval_every > 0: every that many steps (and at the end) append a learning-curve point to curve.jsonl,
     read by `detector` (a jaxdit.toyworld.detector.Detector).
     """
