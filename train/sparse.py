@@ -29,25 +29,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdit.train import cpu_kernels
+from jaxdit.train.cpu_kernels import top_k
+
 # Slots per step of the gather-and-accumulate loop: enough to keep the row reads in flight, few enough
 # that k = 256 (AuxK, BatchTopK candidates) compiles quickly. The loops that reduce rows or scatter them
 # run one slot per step: unrolled, each slot gets its own buffer (measured 2x slower on CPU).
 _UNROLL = 8
 
 # n_local / k from which the k-sparse backward is faster than the dense one (see `sparse_pays`).
-SPARSE_MIN_RATIO = 32
+SPARSE_MIN_RATIO = 8
 # B * k * d up to which the k-sparse products gather their [B, k, d] rows in one op instead of by slot.
 SMALL_BLOCK = 1 << 21
-_TILE = 64  # columns per block of `_transposed`
 
 
 def sparse_pays(n_local: int, k: int) -> bool:
     """Whether the k-sparse (gather / scatter) backward beats the dense one for k of n_local latents.
 
     The dense backward does n_local / k times the arithmetic of the sparse one, at matmul speed; the
-    sparse one reads and writes whole weight rows per selected latent. Measured on CPU with
-    `benchmarks/sae_throughput.py --crossover` (d 48-768, benchmarks/RESULTS.md): dense faster at
-    n / k = 4-8 and 24 (1.0-1.4x), sparse 1.1x at 16 and 1.0-2.2x from 32 on (1.8-2.2x at 64).
+    sparse one reads and writes whole weight rows per selected latent. Measured on CPU with the kernels of
+    `cpu_kernels` (`benchmarks/sae_throughput.py --crossover`, d 48-768, benchmarks/RESULTS.md): dense
+    1.05-1.2x faster at n / k = 4, sparse 1.06-1.07x at 8 and 1.2-4.3x from 16 on. (With XLA's own
+    one-thread loops, before the kernels, the crossover was at 32.)
     """
     return n_local >= SPARSE_MIN_RATIO * k
 
@@ -66,15 +69,15 @@ def topk(x: jax.Array, k: int, axis: str | None = None) -> tuple[jax.Array, jax.
     candidate is missed. On a latent axis of size 1 there is no second stage.
     """
     if axis is None:
-        return lax.top_k(x, k)
+        return top_k(x, k)
     if not _sharded(axis):  # one shard: its top k is the answer, typed replicated over the axis
-        values, index = lax.top_k(x, k)
+        values, index = top_k(x, k)
         return gather_replicated(values, axis), gather_replicated(index, axis)
     n_local = x.shape[-1]
-    values, index = lax.top_k(x, min(k, n_local))
+    values, index = top_k(x, min(k, n_local))
     index = index + lax.axis_index(axis).astype(jnp.int32) * n_local
     values, index = gather_replicated(values, axis), gather_replicated(index, axis)  # [B, shards * k]
-    values, pos = lax.top_k(values, k)
+    values, pos = top_k(values, k)
     return values, jnp.take_along_axis(index, pos, axis=1)
 
 
@@ -133,9 +136,13 @@ def _rows(table: jax.Array, index: jax.Array) -> jax.Array:
 def _weighted_rows(table: jax.Array, index: jax.Array, weight: jax.Array, dtype) -> jax.Array:
     """sum_j weight[b, j] * table[index[b, j]] -> [B, d] float32 (table [m, d] read in `dtype`)."""
     table = jnp.asarray(table, dtype)
+    return cpu_kernels.weighted_rows(table, index, weight.astype(jnp.float32), _weighted_rows_xla)
+
+
+def _weighted_rows_xla(table: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
     if _small(index, table):
-        return jnp.einsum("bk,bkd->bd", weight.astype(jnp.float32), _rows(table, index))
-    index_t, weight_t = index.T, weight.astype(jnp.float32).T  # [k, B]: slot j is a contiguous row
+        return jnp.einsum("bk,bkd->bd", weight, _rows(table, index))
+    index_t, weight_t = index.T, weight.T  # [k, B]: slot j is a contiguous row
 
     def body(j, acc):
         rows = table.at[index_t[j]].get(mode="promise_in_bounds").astype(jnp.float32)
@@ -147,6 +154,10 @@ def _weighted_rows(table: jax.Array, index: jax.Array, weight: jax.Array, dtype)
 def _row_products(table: jax.Array, index: jax.Array, src: jax.Array, dtype) -> jax.Array:
     """src[b] . table[index[b, j]] -> [B, k] float32."""
     table, src = jnp.asarray(table, dtype), jnp.asarray(src, dtype).astype(jnp.float32)
+    return cpu_kernels.row_products(table, index, src, _row_products_xla)
+
+
+def _row_products_xla(table: jax.Array, index: jax.Array, src: jax.Array) -> jax.Array:
     if _small(index, table):
         return jnp.einsum("bd,bkd->bk", src, _rows(table, index))
     index_t = index.T
@@ -158,33 +169,29 @@ def _row_products(table: jax.Array, index: jax.Array, src: jax.Array, dtype) -> 
     return _slot_loop(index.shape[1], body, jnp.zeros(index_t.shape, jnp.float32)).T
 
 
-def _scatter_rows(index: jax.Array, weight: jax.Array, src: jax.Array, m: int, dtype) -> jax.Array:
-    """Row index[b, j] of a [m, d] zero matrix accumulates weight[b, j] * src[b] -> [m, d] float32."""
+def _scatter_rows(index: jax.Array, weight: jax.Array, src: jax.Array, m: int, dtype,
+                  transposed: bool = False) -> jax.Array:
+    """Row index[b, j] of a [m, d] zero matrix accumulates weight[b, j] * src[b] -> [m, d] float32, or its
+    transpose [d, m] (the encoder's weight layout).
+
+    XLA's transpose of the [m, d] result would be fused into each consumer (clipping, both Adam moments),
+    which then read it with stride d: the CPU kernel writes the transpose itself."""
     src = jnp.asarray(src, dtype).astype(jnp.float32)
+    return cpu_kernels.scatter_rows(index, weight.astype(jnp.float32), src, m,
+                                    functools.partial(_scatter_rows_xla, m=m), transposed)
+
+
+def _scatter_rows_xla(index: jax.Array, weight: jax.Array, src: jax.Array, m: int) -> jax.Array:
     if _small(index, src):
-        updates = weight.astype(jnp.float32)[:, :, None] * src[:, None, :]
+        updates = weight[:, :, None] * src[:, None, :]
         return jnp.zeros((m, src.shape[1]), jnp.float32).at[index.reshape(-1)].add(
             updates.reshape(-1, src.shape[1]), mode="promise_in_bounds")
-    index_t, weight_t = index.T, weight.astype(jnp.float32).T
+    index_t, weight_t = index.T, weight.T
 
     def body(j, acc):
         return acc.at[index_t[j]].add(weight_t[j][:, None] * src, mode="promise_in_bounds")
 
     return _slot_loop(index.shape[1], body, jnp.zeros((m, src.shape[1]), jnp.float32))
-
-
-def _transposed(x: jax.Array) -> jax.Array:
-    """x.T for x [m, d], written out by blocks of `_TILE` columns of x in a loop. A plain transpose XLA
-    fuses into each consumer (clipping, both Adam moments), which then read x with stride d: 1.8x slower
-    at d 256-768 on CPU than writing it out once (an optimization barrier is removed before fusion there)."""
-    m, d = x.shape
-    if d % _TILE or x.size <= SMALL_BLOCK:
-        return x.T
-
-    def body(i, out):
-        return lax.dynamic_update_slice(out, lax.dynamic_slice_in_dim(x, i * _TILE, _TILE, axis=1).T, (i * _TILE, 0))
-
-    return _slot_loop(d // _TILE, body, jnp.zeros((d, m), x.dtype))
 
 
 def _densify(index: jax.Array, weight: jax.Array, m: int) -> jax.Array:
@@ -237,7 +244,7 @@ def _select_encode_bwd(axis, dense, dtype, res, g):
         d_b = jnp.sum(gd, axis=0)
         d_xn = _dot(gd, w_enc.T, dtype)
     else:
-        d_w = _transposed(_scatter_rows(local, g, xc, n_local, dtype))
+        d_w = _scatter_rows(local, g, xc, n_local, dtype, transposed=True)
         d_b = jnp.zeros((n_local,), jnp.float32).at[local.reshape(-1)].add(g.reshape(-1), mode="promise_in_bounds")
         d_xn = _weighted_rows(w_enc.T, local, g, dtype)
     d_b_dec = -_dot(w_enc, d_b, dtype)
