@@ -111,7 +111,9 @@ def _products(table, index, weight, src, transposed=False):
     return (cpu_kernels.weighted_rows(table, index, weight, sparse._weighted_rows_xla),
             cpu_kernels.row_products(table, index, src, sparse._row_products_xla),
             cpu_kernels.scatter_rows(index, weight, src, m, functools.partial(sparse._scatter_rows_xla, m=m),
-                                     transposed))
+                                     transposed),
+            cpu_kernels.scatter_rows_dot(index, weight, src, table,
+                                         functools.partial(sparse._decode_bwd_xla, dtype=jnp.float32)))
 
 
 def _numpy_products(table, index, weight, src):
@@ -133,16 +135,18 @@ def test_sparse_products_match_numpy_and_the_xla_loops(m, d, batch, k):
     index = index.at[: batch // 3].set(jnp.minimum(index[: batch // 3], 2))  # crowd a few rows
     weight = jnp.asarray(rng.normal(size=(batch, k)), jnp.float32)
     src = jnp.asarray(rng.normal(size=(batch, d)), jnp.float32)
-    got = jax.jit(_products)(table, index, weight, src)
+    *got, (fused_scatter, fused_dots) = jax.jit(_products)(table, index, weight, src)
     got_t = jax.jit(functools.partial(_products, transposed=True))(table, index, weight, src)[2]
     np.testing.assert_array_equal(np.asarray(got_t), np.asarray(got[2]).T)
+    np.testing.assert_array_equal(np.asarray(fused_scatter), np.asarray(got[2]))  # one pass, the same sums
+    np.testing.assert_array_equal(np.asarray(fused_dots), np.asarray(got[1]))
     xla = (sparse._weighted_rows_xla(table, index, weight), sparse._row_products_xla(table, index, src),
            sparse._scatter_rows_xla(index, weight, src, m))
     for ours, theirs, exact in zip(got, xla, _numpy_products(table, index, weight, src)):
         scale = max(1.0, float(np.abs(exact).max()))
         np.testing.assert_allclose(np.asarray(ours), exact, rtol=0, atol=1e-5 * scale)
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5 * scale)
-    again = jax.jit(_products)(table, index, weight, src)
+    again = jax.jit(_products)(table, index, weight, src)[:3]
     for a, b in zip(got, again):  # the same bits every run, whatever thread took which rows
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -152,8 +156,9 @@ def test_an_index_out_of_range_is_refused():
     bad = jnp.asarray([[0, 1], [2, 10], [3, 4]], jnp.int32)
     with pytest.raises(Exception, match="index out of range"):
         jax.block_until_ready(_products(table, bad, weight, jnp.ones((3, 4), jnp.float32))[0])
-    with pytest.raises(Exception, match="index out of range"):
-        jax.block_until_ready(_products(table, bad, weight, jnp.ones((3, 4), jnp.float32))[2])
+    for which in (1, 2, 3):
+        with pytest.raises(Exception, match="index out of range"):
+            jax.block_until_ready(_products(table, bad, weight, jnp.ones((3, 4), jnp.float32))[which])
 
 
 def test_without_the_kernels_the_same_results(tmp_path):

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -281,21 +282,21 @@ ffi::Error RowProducts(ffi::ThreadPool pool, Matrix table, IndexMatrix index,
 }
 
 // out[i] = sum over (j, b) with index[b, j] = i of weight[b, j] * src[b] -> [m, d], or its transpose
-// [d, m] with `transposed`. The (slot, token) pairs are first bucketed by row (a stable counting sort,
-// so each row still sums in (slot, token) order); then each output row is summed once, in cache, by
-// whichever thread takes its chunk of rows. Transposed, rows are summed kTile at a time in a tile and
-// written out as kTile-float runs of the [d, m] result, so no [m, d] array and no separate transpose.
-ffi::Error ScatterRows(ffi::ThreadPool pool, IndexMatrix index, Matrix weight, Matrix src, MatrixResult out,
-                       bool transposed) {
-  const int64_t m = out->dimensions()[transposed ? 1 : 0], d = src.dimensions()[1];
-  const int64_t batch = index.dimensions()[0], k = index.dimensions()[1];
+// [d, m] with `transposed`; with a `table` [m, d], also dots[b, j] = src[b] . table[index[b, j]] (the
+// decoder's backward pass needs both, and so reads each table row once, in order, instead of k random
+// rows per token). The (slot, token) pairs are first bucketed by row (a stable counting sort, so each
+// row still sums in (slot, token) order); then each output row is summed once, in cache, by whichever
+// thread takes its chunk of rows. Transposed, rows are summed kTile at a time in a tile and written out
+// as kTile-float runs of the [d, m] result, so no [m, d] array and no separate transpose.
+ffi::Error Scatter(ffi::ThreadPool& pool, const char* name, IndexMatrix& index, Matrix& weight, Matrix& src,
+                   int64_t m, bool transposed, float* o, const float* table, float* dots) {
+  const int64_t d = src.dimensions()[1], batch = index.dimensions()[0], k = index.dimensions()[1];
   const int32_t* idx = index.typed_data();
   const float* w = weight.typed_data();
   const float* x = src.typed_data();
-  float* o = out->typed_data();
   std::vector<int64_t> start(m + 1, 0);
   for (int64_t p = 0; p < batch * k; ++p) {
-    if (idx[p] < 0 || idx[p] >= m) return ffi::Error::InvalidArgument("jaxdit_scatter_rows: index out of range");
+    if (idx[p] < 0 || idx[p] >= m) return ffi::Error::InvalidArgument(std::string(name) + ": index out of range");
     ++start[idx[p] + 1];
   }
   for (int64_t i = 0; i < m; ++i) start[i + 1] += start[i];
@@ -307,7 +308,11 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, IndexMatrix index, Matrix weight, M
   const int32_t* row_pairs = pairs.data();
   auto sum_row = [=](int64_t i, float* row) {
     std::fill(row, row + d, 0.0f);
-    for (int64_t p = row_start[i]; p < row_start[i + 1]; ++p) AddScaled(row, x + (row_pairs[p] / k) * d, w[row_pairs[p]], d);
+    for (int64_t p = row_start[i]; p < row_start[i + 1]; ++p) {
+      const float* x_b = x + (row_pairs[p] / k) * d;
+      AddScaled(row, x_b, w[row_pairs[p]], d);
+      if (table) dots[row_pairs[p]] = Dot(x_b, table + i * d, d);
+    }
   };
   const int64_t grain = kTile * Grain(kTile * d * std::max<int64_t>(1, batch * k / m));
   ParallelFor(pool, m, grain, [=] { return std::vector<float>(transposed ? kTile * d : 0); },
@@ -324,6 +329,21 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, IndexMatrix index, Matrix weight, M
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error ScatterRows(ffi::ThreadPool pool, IndexMatrix index, Matrix weight, Matrix src, MatrixResult out,
+                       bool transposed) {
+  return Scatter(pool, "jaxdit_scatter_rows", index, weight, src, out->dimensions()[transposed ? 1 : 0],
+                 transposed, out->typed_data(), nullptr, nullptr);
+}
+
+// (scatter_rows of weight and src into [m, d], row_products of table with src): the decoder's backward.
+ffi::Error ScatterRowsDot(ffi::ThreadPool pool, IndexMatrix index, Matrix weight, Matrix src, Matrix table,
+                          MatrixResult out, MatrixResult dots) {
+  if (table.dimensions()[0] != out->dimensions()[0] || table.dimensions()[1] != src.dimensions()[1])
+    return ffi::Error::InvalidArgument("jaxdit_scatter_rows_dot: table must be [m, d]");
+  return Scatter(pool, "jaxdit_scatter_rows_dot", index, weight, src, out->dimensions()[0], false,
+                 out->typed_data(), table.typed_data(), dots->typed_data());
 }
 
 }  // namespace
@@ -360,3 +380,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditScatterRows, ScatterRows,
                                   .Arg<Matrix>()
                                   .Ret<Matrix>()
                                   .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditScatterRowsDot, ScatterRowsDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<IndexMatrix>()
+                                  .Arg<Matrix>()
+                                  .Arg<Matrix>()
+                                  .Arg<Matrix>()
+                                  .Ret<Matrix>()
+                                  .Ret<Matrix>());

@@ -5,7 +5,7 @@ pool (sparsify's torch kernels use every core the same way):
 - `top_k`: `lax.top_k`, each row scanned in two vectorised passes instead of a partial sort (XLA's was
   half of a training step at d 48). Bit for bit `lax.top_k` (values, indices, tie order, signed zeros,
   NaNs), so which one ran never changes which latents are selected.
-- `weighted_rows`, `row_products`, `scatter_rows`: the k-sparse products of `sparse.py` (k weight rows read
+- `weighted_rows`, `row_products`, `scatter_rows`, `scatter_rows_dot`: the k-sparse products of `sparse.py` (k weight rows read
   or accumulated per token, the embedding-bag pattern). The scatter buckets its updates by row first, so
   each gradient row is summed once in cache, and writes the encoder's gradient transposed by tiles.
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # The handlers the library exports, by the FFI target name each is registered under.
 TARGETS = {"jaxdit_topk_f32": "JaxditTopK", "jaxdit_weighted_rows": "JaxditWeightedRows", "jaxdit_row_products": "JaxditRowProducts",
-           "jaxdit_scatter_rows": "JaxditScatterRows"}
+           "jaxdit_scatter_rows": "JaxditScatterRows", "jaxdit_scatter_rows_dot": "JaxditScatterRowsDot"}
 # The source picks AVX-512 / AVX2 code at run time, so no -march flag ties the build to a host; products are
 # never fused into additions, so every machine gets the same bits.
 FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
@@ -172,3 +172,13 @@ def scatter_rows(index: jax.Array, weight: jax.Array, src: jax.Array, m: int, fa
     shape = (src.shape[1], m) if transposed else (m, src.shape[1])
     return _on_cpu("jaxdit_scatter_rows", jax.ShapeDtypeStruct(shape, jnp.float32), (index, weight, src),
                    (lambda *ops: fallback(*ops).T) if transposed else fallback, transposed=transposed)
+
+
+def scatter_rows_dot(index: jax.Array, weight: jax.Array, src: jax.Array, table: jax.Array,
+                     fallback) -> tuple[jax.Array, jax.Array]:
+    """(scatter_rows(index, weight, src, m), row_products(table, index, src)) for table [m, d] in one pass
+    over the rows (`fallback` returns the same pair)."""
+    if not _f32(weight, src, table) or index.dtype != jnp.int32:
+        return fallback(index, weight, src, table)
+    out = (jax.ShapeDtypeStruct(table.shape, jnp.float32), jax.ShapeDtypeStruct(index.shape, jnp.float32))
+    return _on_cpu("jaxdit_scatter_rows_dot", out, (index, weight, src, table), fallback)

@@ -49,8 +49,8 @@ def sparse_pays(n_local: int, k: int) -> bool:
     The dense backward does n_local / k times the arithmetic of the sparse one, at matmul speed; the
     sparse one reads and writes whole weight rows per selected latent. Measured on CPU with the kernels of
     `cpu_kernels` (`benchmarks/sae_throughput.py --crossover`, d 48-768, benchmarks/RESULTS.md): dense
-    1.05-1.2x faster at n / k = 4, sparse 1.06-1.07x at 8 and 1.2-4.3x from 16 on. (With XLA's own
-    one-thread loops, before the kernels, the crossover was at 32.)
+    1.1-1.3x faster at n / k = 4, sparse 1.05x at 8 and 1.1-4.8x from 16 on. (With XLA's own one-thread
+    loops, before the kernels, the crossover was at 32.)
     """
     return n_local >= SPARSE_MIN_RATIO * k
 
@@ -284,9 +284,14 @@ def _decode_bwd(dense, dtype, res, g):
         d_w = _dot(_densify(local, values, w_dec.shape[0]).T, g, dtype)
         d_values = jnp.take_along_axis(_dot(g, w_dec.T, dtype), local, axis=1)
     else:
-        d_w = _scatter_rows(local, values, g, w_dec.shape[0], dtype)
-        d_values = _row_products(w_dec, local, g, dtype)
+        g = jnp.asarray(g, dtype).astype(jnp.float32)
+        d_w, d_values = cpu_kernels.scatter_rows_dot(local, values.astype(jnp.float32), g, jnp.asarray(w_dec, dtype),
+                                                     functools.partial(_decode_bwd_xla, dtype=dtype))
     return d_values.astype(values.dtype), None, d_w
+
+
+def _decode_bwd_xla(local, values, g, w_dec, dtype):
+    return _scatter_rows(local, values, g, w_dec.shape[0], dtype), _row_products(w_dec, local, g, dtype)
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
