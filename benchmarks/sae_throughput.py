@@ -30,6 +30,9 @@ shapes are three CPU-sized ones, plus d 3072 x16 k 64 B 8192 when a GPU is prese
 `--crossover` instead times jaxdit's step with the dense and the k-sparse backward forced, at several
 latents-per-k ratios, to place `jaxdit.train.sparse.SPARSE_MIN_RATIO`.
 
+`--profile DIR` also writes a `jax.profiler` trace of jaxdit's step per shape (the profile that chose the
+CPU kernels of `jaxdit.train.cpu_kernels`; open it with xprof or TensorBoard's profile plugin).
+
 Prints a markdown table and writes JSON (`--out`).
 """
 
@@ -254,6 +257,19 @@ def race(contenders: list[Contender], rounds: int, batch: int) -> dict:
     return result
 
 
+def profile(c: Contender, where: Path, steps: int = 3) -> str:
+    """A `jax.profiler` trace of `steps` warm steps of contender c under `where` (open it with xprof /
+    TensorBoard's profile plugin, or Perfetto): the per-op times the CPU kernels were chosen from."""
+    import jax
+
+    c.sync()
+    with jax.profiler.trace(str(where)):
+        for _ in range(steps):
+            c.step()
+        c.sync()
+    return str(where)
+
+
 def bench_shape(shape: Shape, args, dtype: str) -> dict:
     contenders = [jaxdit_contender(shape, dtype, args.mesh), plain_contender(shape, dtype)]
     if args.auxk_program:
@@ -266,6 +282,8 @@ def bench_shape(shape: Shape, args, dtype: str) -> dict:
             contenders.append(s)
     prep = {c.name: prepare(c, args.warmup, args.block_s) for c in contenders}
     result = race(contenders, args.rounds, shape.batch)
+    if args.profile:
+        result["profile"] = profile(contenders[0], Path(args.profile) / f"d{shape.d}-n{shape.n}-k{shape.k}-B{shape.batch}")
     result.update(shape=vars(shape) | {"n_latents": shape.n}, prepare=prep,
                   fvu={c.name: c.info.pop("fvu")() for c in contenders},
                   contenders={c.name: c.info for c in contenders})
@@ -342,6 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--auxk-program", action="store_true",
                    help="also time jaxdit's step that decides inside the program whether AuxK runs")
     p.add_argument("--crossover", action="store_true", help="dense vs k-sparse backward of jaxdit's step")
+    p.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 jaxdit steps per shape "
+                   "under DIR")
     p.add_argument("--out", default="sae_throughput.json")
     args = parse_args(p, argv, "benchmarks/sae_throughput.py")
     if args.quick:

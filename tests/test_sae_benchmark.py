@@ -21,8 +21,10 @@ def _bench():
 def test_sae_throughput_benchmark_runs(tmp_path, capsys):
     out = tmp_path / "sae.json"
     assert _bench().main(["--shape", "16:4:4:64", "--shape", "8:4:2:32", "--rounds", "2", "--block-s", "0.01",
-                          "--warmup", "1", "--mesh", "1,1,2", "--out", str(out)]) == 0
+                          "--warmup", "1", "--mesh", "1,1,2", "--out", str(out), "--profile", str(tmp_path / "prof")]) == 0
     result = json.loads(out.read_text())
+    for r in result["results"]:  # a trace of jaxdit's step per shape
+        assert list(Path(r["profile"]).rglob("*.xplane.pb")), r["profile"]
     assert [(r["shape"]["d"], r["shape"]["n_latents"], r["shape"]["k"], r["shape"]["batch"])
             for r in result["results"]] == [(16, 64, 4, 64), (8, 32, 2, 32)]
     for r in result["results"]:

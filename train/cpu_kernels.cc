@@ -1,13 +1,12 @@
-// Row-parallel top k for XLA's CPU backend, called through the XLA FFI (see cpu_topk.py).
+// CPU kernels for the SAE training step, called through the XLA FFI (see cpu_kernels.py).
 //
-// XLA's own CPU TopK runs every row on one thread with a partial sort. Here the rows are split
-// over XLA's intra-op thread pool, and each row is one pass: a candidate list of the best k so far,
-// sorted, and a vectorised test of 16 entries at a time against its smallest key, so almost every
-// entry costs one comparison (on random rows a new candidate appears ~k ln(n / k) times per row).
-//
-// The result is bit for bit that of lax.top_k: floats are ordered by the total order that XLA's
-// TopK uses (-NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN), equal values keep the lower
-// index first, and values are copied, never recomputed.
+// XLA's CPU runtime runs a TopK, a gather loop or a scatter on one thread. Each kernel here splits
+// its rows over XLA's intra-op thread pool (ParallelFor):
+// - TopK: bit for bit lax.top_k. Floats are ordered by the total order XLA's TopK uses (-NaN < -inf
+//   < ... < -0.0 < +0.0 < ... < +inf < +NaN), equal values keep the lower index first, and values
+//   are copied, never recomputed. Two vectorised passes per row (TopKRowWith).
+// - WeightedRows, RowProducts, ScatterRows(Dot): the k-sparse products of sparse.py, k rows of a
+//   [m, d] weight table read or accumulated per token.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
