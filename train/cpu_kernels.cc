@@ -25,7 +25,7 @@
 
 namespace ffi = xla::ffi;
 
-// Rank-2 operands (named, since the handler macros cannot take a comma inside their arguments).
+// Rank-2 operands.
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using IndexMatrix = ffi::Buffer<ffi::S32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
@@ -238,46 +238,45 @@ float Dot(const float* a, const float* b, int64_t d) {
   return part[0];
 }
 
-bool InRange(const int32_t* idx, int64_t count, int64_t m) {
-  for (int64_t p = 0; p < count; ++p)
-    if (idx[p] < 0 || idx[p] >= m) return false;
-  return true;
-}
-
-// out[b] = sum_j weight[b, j] * table[index[b, j]] -> [B, d]
-ffi::Error WeightedRows(ffi::ThreadPool pool, Matrix table, IndexMatrix index,
-                        Matrix weight, MatrixResult out) {
-  const int64_t d = table.dimensions()[1], batch = index.dimensions()[0], k = index.dimensions()[1];
-  const float* w_table = table.typed_data();
+// Runs token(b, rows) for every token b of index [B, k] over the thread pool, rows[j] being table row
+// index[b, j]; refuses an index outside the table first.
+template <typename Token>
+ffi::Error ForEachToken(ffi::ThreadPool& pool, const char* name, Matrix& table, IndexMatrix& index, Token token) {
+  const int64_t m = table.dimensions()[0], d = table.dimensions()[1];
+  const int64_t batch = index.dimensions()[0], k = index.dimensions()[1];
   const int32_t* idx = index.typed_data();
-  const float* w = weight.typed_data();
-  float* o = out->typed_data();
-  if (!InRange(idx, batch * k, table.dimensions()[0]))
-    return ffi::Error::InvalidArgument("jaxdit_weighted_rows: index out of range");
-  ParallelFor(pool, batch, Grain(k * d), kNoState, [=](NoState&, int64_t begin, int64_t end) {
+  for (int64_t p = 0; p < batch * k; ++p)
+    if (idx[p] < 0 || idx[p] >= m) return ffi::Error::InvalidArgument(std::string(name) + ": index out of range");
+  const float* rows = table.typed_data();
+  ParallelFor(pool, batch, Grain(k * d), [k] { return std::vector<const float*>(k); },
+              [=](std::vector<const float*>& at, int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      std::fill(o + b * d, o + (b + 1) * d, 0.0f);
-      for (int64_t j = 0; j < k; ++j) AddScaled(o + b * d, w_table + int64_t{idx[b * k + j]} * d, w[b * k + j], d);
+      for (int64_t j = 0; j < k; ++j) at[j] = rows + int64_t{idx[b * k + j]} * d;
+      token(b, at.data());
     }
   });
   return ffi::Error::Success();
 }
 
+// out[b] = sum_j weight[b, j] * table[index[b, j]] -> [B, d]
+ffi::Error WeightedRows(ffi::ThreadPool pool, Matrix table, IndexMatrix index, Matrix weight, MatrixResult out) {
+  const int64_t d = table.dimensions()[1], k = index.dimensions()[1];
+  const float* w = weight.typed_data();
+  float* o = out->typed_data();
+  return ForEachToken(pool, "jaxdit_weighted_rows", table, index, [=](int64_t b, const float* const* rows) {
+    std::fill(o + b * d, o + (b + 1) * d, 0.0f);
+    for (int64_t j = 0; j < k; ++j) AddScaled(o + b * d, rows[j], w[b * k + j], d);
+  });
+}
+
 // out[b, j] = src[b] . table[index[b, j]] -> [B, k]
-ffi::Error RowProducts(ffi::ThreadPool pool, Matrix table, IndexMatrix index,
-                       Matrix src, MatrixResult out) {
-  const int64_t d = table.dimensions()[1], batch = index.dimensions()[0], k = index.dimensions()[1];
-  const float* w_table = table.typed_data();
-  const int32_t* idx = index.typed_data();
+ffi::Error RowProducts(ffi::ThreadPool pool, Matrix table, IndexMatrix index, Matrix src, MatrixResult out) {
+  const int64_t d = table.dimensions()[1], k = index.dimensions()[1];
   const float* x = src.typed_data();
   float* o = out->typed_data();
-  if (!InRange(idx, batch * k, table.dimensions()[0]))
-    return ffi::Error::InvalidArgument("jaxdit_row_products: index out of range");
-  ParallelFor(pool, batch, Grain(k * d), kNoState, [=](NoState&, int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t j = 0; j < k; ++j) o[b * k + j] = Dot(x + b * d, w_table + int64_t{idx[b * k + j]} * d, d);
+  return ForEachToken(pool, "jaxdit_row_products", table, index, [=](int64_t b, const float* const* rows) {
+    for (int64_t j = 0; j < k; ++j) o[b * k + j] = Dot(x + b * d, rows[j], d);
   });
-  return ffi::Error::Success();
 }
 
 // out[i] = sum over (j, b) with index[b, j] = i of weight[b, j] * src[b] -> [m, d], or its transpose
@@ -355,21 +354,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditTopK, TopK,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditWeightedRows, WeightedRows,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()
-                                  .Arg<IndexMatrix>()
-                                  .Arg<Matrix>()
-                                  .Ret<Matrix>());
+// (table [m, d], index [B, k], [B, k or d]) -> [B, d or k]: the two gathers share one signature.
+static auto BindGather() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Matrix>().Arg<IndexMatrix>().Arg<Matrix>().Ret<Matrix>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditRowProducts, RowProducts,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()
-                                  .Arg<IndexMatrix>()
-                                  .Arg<Matrix>()
-                                  .Ret<Matrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditWeightedRows, WeightedRows, BindGather());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditRowProducts, RowProducts, BindGather());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxditScatterRows, ScatterRows,
                               ffi::Ffi::Bind()
