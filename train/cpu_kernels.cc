@@ -299,11 +299,11 @@ ffi::Error Scatter(ffi::ThreadPool& pool, const char* name, IndexMatrix& index, 
   }
   for (int64_t i = 0; i < m; ++i) start[i + 1] += start[i];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  std::vector<int32_t> pairs(batch * k);  // b * k + j, grouped by row, (j, b) order within a row
+  std::vector<int64_t> pairs(batch * k);  // b * k + j, grouped by row, (j, b) order within a row
   for (int64_t j = 0; j < k; ++j)
-    for (int64_t b = 0; b < batch; ++b) pairs[fill[idx[b * k + j]]++] = static_cast<int32_t>(b * k + j);
+    for (int64_t b = 0; b < batch; ++b) pairs[fill[idx[b * k + j]]++] = b * k + j;
   const int64_t* row_start = start.data();
-  const int32_t* row_pairs = pairs.data();
+  const int64_t* row_pairs = pairs.data();
   auto sum_row = [=](int64_t i, float* row) {
     std::fill(row, row + d, 0.0f);
     for (int64_t p = row_start[i]; p < row_start[i + 1]; ++p) {
