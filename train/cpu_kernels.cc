@@ -46,7 +46,8 @@ constexpr int64_t kTile = 64;   // rows per tile of the transposed scatter: 256-
 // An entry's place in lax.top_k's order as one int64: the key above, then the lower index first.
 // Distinct for distinct indices, so selecting by it is deterministic and needs no tie rule.
 inline int64_t Rank(int32_t key, int64_t i) {
-  return static_cast<int64_t>(static_cast<uint64_t>(static_cast<int64_t>(key)) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+  const uint64_t high = static_cast<uint64_t>(static_cast<int64_t>(key)) << 32;
+  return static_cast<int64_t>(high | (0xffffffffu - static_cast<uint32_t>(i)));
 }
 
 // Keys of 16 entries at a time: the lane-wise maxima over `chunks` consecutive groups of 16 entries
@@ -196,7 +197,9 @@ struct NoState {};
 constexpr auto kNoState = [] { return NoState{}; };
 
 // Items per chunk so that a chunk is ~64k floats of work: scheduling then costs nothing against it.
-int64_t Grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item)); }
+int64_t Grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));
+}
 
 ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
                 ffi::ResultBuffer<ffi::S32> index, int64_t k) {

@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # The handlers the library exports, by the FFI target name each is registered under.
-TARGETS = {"jaxdit_topk_f32": "JaxditTopK", "jaxdit_weighted_rows": "JaxditWeightedRows", "jaxdit_row_products": "JaxditRowProducts",
-           "jaxdit_scatter_rows": "JaxditScatterRows", "jaxdit_scatter_rows_dot": "JaxditScatterRowsDot"}
+TARGETS = {"jaxdit_topk_f32": "JaxditTopK", "jaxdit_weighted_rows": "JaxditWeightedRows",
+           "jaxdit_row_products": "JaxditRowProducts", "jaxdit_scatter_rows": "JaxditScatterRows",
+           "jaxdit_scatter_rows_dot": "JaxditScatterRowsDot"}
 # The source picks AVX-512 / AVX2 code at run time, so no -march flag ties the build to a host; products are
 # never fused into additions, so every machine gets the same bits.
 FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
@@ -103,8 +104,8 @@ def available() -> bool:
     return True
 
 
-def _on_cpu(target: str, out: jax.ShapeDtypeStruct | tuple, operands: tuple, fallback, vmap_method: str = "sequential",
-            **attrs):
+def _on_cpu(target: str, out: jax.ShapeDtypeStruct | tuple, operands: tuple, fallback,
+            vmap_method: str = "sequential", **attrs):
     """The kernel `target` on CPU, `fallback(*operands)` (the same results) on other platforms or
     where the kernels are off. Chosen when the program is lowered (`lax.platform_dependent`)."""
     if not available():
