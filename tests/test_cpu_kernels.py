@@ -184,3 +184,13 @@ def test_a_broken_compiler_is_named(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="false failed on cpu_kernels.cc"):
         cpu_kernels.build(tmp_path)
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("JAXDIT_CACHE_DIR", str(blocked / "cache"))  # under a file: no directory can be made
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = cpu_kernels.build()
+    assert path.parent == tmp_path / "tmp" / f"jaxdit-{os.getuid()}" and path.is_file()
+    assert cpu_kernels.build() == path  # found there the next time, not rebuilt

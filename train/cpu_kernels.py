@@ -16,7 +16,8 @@ backend), or with `JAXDIT_CPU_KERNELS=0`, CPU runs it too: the same selection, s
 rounding, 2.2-3x slower SAE steps.
 
 The library is compiled on first use with the system's C++ compiler against the FFI headers jaxlib ships,
-into `$JAXDIT_CACHE_DIR` (default `~/.cache/jaxdit`), under a name that hashes the source, the compiler
+into `$JAXDIT_CACHE_DIR` (default `~/.cache/jaxdit`; the temporary directory if that is not writable), under
+a name that hashes the source, the compiler
 command and jaxlib's version; written to a temporary name and renamed, so concurrent processes share it.
 """
 
@@ -68,13 +69,14 @@ def build(out_dir: Path | None = None) -> Path:
     command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}"]
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(" ".join(command + [jaxlib.__version__]).encode())
-    out_dir = out_dir or cache_dir()
-    path = out_dir / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
+    name = f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+    # A home that takes no files (a locked-down cluster node) falls back to the machine's temporary directory.
+    dirs = [out_dir] if out_dir else [cache_dir(), Path(tempfile.gettempdir()) / f"jaxdit-{os.getuid()}"]
+    built = next((d / name for d in dirs if (d / name).exists()), None)
+    if built:
+        return built
+    out_dir, tmp = _new_file_in(dirs)
+    path = out_dir / name
     try:
         done = subprocess.run(command + [str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
@@ -85,6 +87,22 @@ def build(out_dir: Path | None = None) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _new_file_in(dirs: list[Path]) -> tuple[Path, str]:
+    """(the first of `dirs` that takes a new file, the path of an empty temporary file made there)."""
+    def attempt(d: Path) -> tuple[Path, str]:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
+        os.close(fd)
+        return d, tmp
+
+    for d in dirs[:-1]:
+        try:
+            return attempt(d)
+        except OSError:
+            continue
+    return attempt(dirs[-1])
 
 
 @functools.cache
