@@ -193,9 +193,6 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t grain, MakeState 
   work->cv.wait(lock, [&] { return work->done == work->chunks; });
 }
 
-struct NoState {};
-constexpr auto kNoState = [] { return NoState{}; };
-
 // Items per chunk so that a chunk is ~64k floats of work: scheduling then costs nothing against it.
 int64_t Grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));

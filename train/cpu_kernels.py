@@ -189,12 +189,12 @@ def scatter_rows(index: jax.Array, weight: jax.Array, src: jax.Array, m: int, fa
                  transposed: bool = False) -> jax.Array:
     """[m, d] zeros whose row index[b, j] accumulates weight[b, j] * src[b] (index / weight [B, k], src [B, d]);
     its transpose [d, m] with `transposed` (`fallback` returns the [m, d] form either way)."""
+    xla = (lambda *ops: fallback(*ops).T) if transposed else fallback
     if not _f32(weight, src) or index.dtype != jnp.int32:
-        out = fallback(index, weight, src)
-        return out.T if transposed else out
+        return xla(index, weight, src)
     shape = (src.shape[1], m) if transposed else (m, src.shape[1])
-    return _on_cpu("jaxdit_scatter_rows", jax.ShapeDtypeStruct(shape, jnp.float32), (index, weight, src),
-                   (lambda *ops: fallback(*ops).T) if transposed else fallback, transposed=transposed)
+    return _on_cpu("jaxdit_scatter_rows", jax.ShapeDtypeStruct(shape, jnp.float32), (index, weight, src), xla,
+                   transposed=transposed)
 
 
 def scatter_rows_dot(index: jax.Array, weight: jax.Array, src: jax.Array, table: jax.Array,

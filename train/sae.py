@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxdit.train import sparse
+from jaxdit.train import cpu_kernels, sparse
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
 SPARSE_ARCHS = ("topk", "batchtopk")  # trained through k-sparse gathers
@@ -284,7 +284,7 @@ def encode(params: Params, cfg: SAEConfig, x: jax.Array):
     lead = x.shape[:-1]
     _, _, pre = _preactivations(params, cfg, _flat(x, cfg.d_in, "input"))
     if cfg.arch == "topk":
-        values, index = sparse.top_k(pre, cfg.k)
+        values, index = cpu_kernels.top_k(pre, cfg.k)
         return jax.nn.relu(values).reshape(*lead, cfg.k), index.reshape(*lead, cfg.k)
     if cfg.arch == "relu":
         z = jax.nn.relu(pre)
@@ -508,7 +508,7 @@ def _batch_threshold(candidates: jax.Array, keep: int, axes: Axes) -> jax.Array:
         flat = sparse.gather_replicated(flat, axes.batch)
     flat = flat.reshape(-1)
     keep = min(keep, flat.shape[0])
-    return sparse.top_k(flat, keep)[0][keep - 1]
+    return cpu_kernels.top_k(flat, keep)[0][keep - 1]
 
 
 def update_since_fired(since_fired: jax.Array, fired: jax.Array, tokens: int) -> jax.Array:

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxdit.train import cpu_kernels
-from jaxdit.train.cpu_kernels import top_k
 
 # Slots per step of the gather-and-accumulate loop: enough to keep the row reads in flight, few enough
 # that k = 256 (AuxK, BatchTopK candidates) compiles quickly. The loops that reduce rows or scatter them
@@ -69,15 +68,15 @@ def topk(x: jax.Array, k: int, axis: str | None = None) -> tuple[jax.Array, jax.
     candidate is missed. On a latent axis of size 1 there is no second stage.
     """
     if axis is None:
-        return top_k(x, k)
+        return cpu_kernels.top_k(x, k)
     if not _sharded(axis):  # one shard: its top k is the answer, typed replicated over the axis
-        values, index = top_k(x, k)
+        values, index = cpu_kernels.top_k(x, k)
         return gather_replicated(values, axis), gather_replicated(index, axis)
     n_local = x.shape[-1]
-    values, index = top_k(x, min(k, n_local))
+    values, index = cpu_kernels.top_k(x, min(k, n_local))
     index = index + lax.axis_index(axis).astype(jnp.int32) * n_local
     values, index = gather_replicated(values, axis), gather_replicated(index, axis)  # [B, shards * k]
-    values, pos = top_k(values, k)
+    values, pos = cpu_kernels.top_k(values, k)
     return values, jnp.take_along_axis(index, pos, axis=1)
 
 
