@@ -37,11 +37,12 @@ POSITIONS = {
         "txt": ("resid_pre", "attn_heads", "mlp_act", "update", "resid_post"),
         "joint": hk.ATTENTION_SITES,
     },
+    "embed": {"txt": ("pooled",)},  # the conditioning outside the blocks: one "layer"
 }
 
 
 def num_layers(config: FluxConfig) -> dict[str, int]:
-    return {"double": config.num_layers, "single": config.num_single_layers}
+    return {"double": config.num_layers, "single": config.num_single_layers, "embed": 1}
 
 
 def _site_shape(config: FluxConfig, layout: hk.TokenLayout, batch: int, stream: str, site: str):
@@ -174,6 +175,8 @@ class FluxTransformer(nn.Module):
 
         img = dense(cfg.inner_dim, "x_embedder", dt, axes=(None, "embed"))(hidden_states.astype(dt))
         txt = dense(cfg.inner_dim, "context_embedder", dt, axes=(None, "embed"))(encoder_hidden_states.astype(dt))
+        pooled_projections, captures = hk.model_site(hooks, "embed", "txt", "pooled", pooled_projections, layout,
+                                                     POSITIONS, num_layers(cfg))
         temb = TimeTextEmbed(cfg.inner_dim, cfg.guidance_embeds, dt, name="time_text_embed")(
             jnp.asarray(timestep, jnp.float32).reshape(-1),
             None if guidance is None else jnp.asarray(guidance, jnp.float32).reshape(-1),
@@ -181,7 +184,6 @@ class FluxTransformer(nn.Module):
         ids = jnp.concatenate([txt_ids, img_ids], axis=0).astype(jnp.float32)
         rope = rope_table(ids, cfg.axes_dims_rope, cfg.rope_theta)
 
-        captures = {}
         for stack, block_cls, length in (("double", DoubleStreamBlock, cfg.num_layers),
                                          ("single", SingleStreamBlock, cfg.num_single_layers)):
             plan = hk.capture_plan(hooks, stack, length, POSITIONS, num_layers(cfg))

@@ -25,6 +25,7 @@ Every place a hook can act has one name, used by capture, edit, harvest manifest
 | resid_post     | residual stream leaving the block                            | [B, T, D]          |
 | attn_probs_txt_to_img | softmax weights from text queries to image keys (after any attention mask) | [B, H, T_txt, T_img] |
 | attn_img_sources | where image queries read from (head mean, after any mask): weight on each text token, then the total on context tokens | [B, T_img, T_txt + 1] |
+| pooled         | the pooled text vector the timestep embedding adds to every block's modulation (stack "embed", one layer: "embed.0.txt.pooled") | [B, D_pooled] |
 
 Attention masks
 ---------------
@@ -57,6 +58,7 @@ SITES = (
     "resid_post",
     "attn_probs_txt_to_img",
     "attn_img_sources",
+    "pooled",
 )
 ATTENTION_SITES = ("attn_probs_txt_to_img", "attn_img_sources")  # stream "joint"; captured, never edited
 STREAMS = ("img", "txt", "joint")
@@ -396,6 +398,21 @@ def unpack_captures(stack: str, plan, buffers: dict[str, jax.Array], num_layers:
         for slot, layer in enumerate(range(num_layers) if layers is None else layers):
             out[f"{stack}.{layer}.{stream}.{site}"] = buf[slot]
     return out
+
+
+def model_site(hooks: Hooks | None, stack: str, stream: str, site: str, x: jax.Array, layout: TokenLayout,
+               table, all_layers: dict[str, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A site outside the scanned block stacks (a stack of one layer, e.g. "embed.0.txt.pooled"): its
+    captures, then its edits, as `BlockHooks.site` does inside a block. Returns (x, captures)."""
+    if hooks is None or hooks.empty:
+        return x, {}
+    plan = capture_plan(hooks, stack, 1, table, all_layers)
+    if not plan and not any(Position.parse(e.position).stack == stack for e in hooks.edits):
+        return x, {}
+    buffers = {key: jnp.zeros((1, *x.shape), x.dtype) for key in plan}
+    bh = BlockHooks(hooks, stack, jnp.zeros((), jnp.int32), layout, buffers, plan)
+    x = bh.site(stream, site, x)
+    return x, unpack_captures(stack, plan, bh.buffers, 1)
 
 
 def validate_hooks(hooks: Hooks | None, table, num_layers: dict[str, int]) -> None:

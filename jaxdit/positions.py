@@ -88,7 +88,7 @@ def hook_positions(config, height: int = 1024, width: int = 1024, text_tokens: i
         if len(kinds) == 1:
             (shape, dtype), = kinds
             layers = tuple(sorted(l for l, _, _ in items))
-            where = "*" if len(layers) == total[stack] or len(layers) > 1 else str(layers[0])
+            where = "*" if len(layers) > 1 or (len(layers) == total[stack] > 1) else str(layers[0])
             rows.append(Row(f"{stack}.{where}.{stream}.{site}", shape, dtype, layers, total[stack]))
         else:
             rows += [Row(f"{stack}.{layer}.{stream}.{site}", shape, dtype, (layer,), total[stack])

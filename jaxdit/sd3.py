@@ -49,13 +49,14 @@ from jaxdit.layers import AdaLNModulation, MLPEmbedder, declare, dense, layer_no
 STACK = "joint"
 _SITES = ("resid_pre", "attn_heads", "attn_out", "mlp_act", "mlp_out", "resid_post")
 # Hook sites offered by the joint blocks (see jaxdit.hooks); the joint sequence is [image, text].
-POSITIONS = {STACK: {"img": _SITES, "txt": _SITES, "joint": hk.ATTENTION_SITES}}
+POSITIONS = {STACK: {"img": _SITES, "txt": _SITES, "joint": hk.ATTENTION_SITES},
+             "embed": {"txt": ("pooled",)}}  # the conditioning outside the blocks: one "layer"
 # The last block's text stream only feeds the attention (context pre-only): it has these sites alone.
 LAST_BLOCK_TXT_SITES = ("resid_pre", "attn_heads")
 
 
 def num_layers(config: SD3Config) -> dict[str, int]:
-    return {STACK: config.num_layers}
+    return {STACK: config.num_layers, "embed": 1}
 
 
 # --- block segments ---------------------------------------------------------------------------------
@@ -202,6 +203,10 @@ class SD3Transformer(nn.Module):
         layout = hk.TokenLayout(n_txt=encoder_hidden_states.shape[1], n_img=grid_h * grid_w, text_first=False)
 
         img = PatchEmbed(cfg.inner_dim, p, cfg.pos_embed_max_size, dt, name="pos_embed")(hidden_states)
+        pooled_projections, captures = hk.model_site(hooks, "embed", "txt", "pooled", pooled_projections, layout,
+                                                     POSITIONS, num_layers(cfg))
+        for name, value in captures.items():
+            self.sow("intermediates", name, value)
         temb = TimeTextEmbed(cfg.inner_dim, dt, name="time_text_embed")(
             jnp.asarray(timestep, jnp.float32).reshape(-1), pooled_projections)
         txt = dense(cfg.caption_projection_dim, "context_embedder", dt, axes=(None, "embed"))(
@@ -279,7 +284,7 @@ def _check_hooks(cfg: SD3Config, hooks: hk.Hooks | None):
     last = cfg.num_layers - 1
     for name in (*hooks.capture, *(e.position for e in hooks.edits)):
         pos = hk.Position.parse(name)
-        if pos.layer == last and pos.stream == "txt" and pos.site not in LAST_BLOCK_TXT_SITES:
+        if pos.stack == STACK and pos.layer == last and pos.stream == "txt" and pos.site not in LAST_BLOCK_TXT_SITES:
             raise ValueError(f"hook position {name!r}: the last block is context pre-only; its text stream has "
                              f"only {list(LAST_BLOCK_TXT_SITES)}")
 

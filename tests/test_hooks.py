@@ -118,6 +118,20 @@ def test_edit_matches_torch_output_replacement(twin):
     assert rel_err(plain, ref) > 1e-3  # the edit did something
 
 
+def test_pooled_site_captures_and_edits_the_conditioning_vector(twin):
+    """"embed.0.txt.pooled": its capture is the pooled input, and an edit there equals torch run on the
+    edited pooled vector (the same edit composes with block edits in one Hooks value)."""
+    cfg, model, params, inputs, n_ctx = twin
+    edited = dict(inputs, pooled_projections=np.asarray(inputs["pooled_projections"]) * 0.5 + 1.0)
+    ref = torch_forward(model, edited)
+    edit = hk.Edit("embed.0.txt.pooled", lambda p, x, ctx: x * p["a"] + p["b"], {"a": 0.5, "b": 1.0})
+    out, caps = _run(cfg, params, inputs, hk.Hooks(capture=("embed.0.txt.pooled",), edits=(edit,)), n_ctx)
+    assert rel_err(out, ref) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(caps["embed.0.txt.pooled"]), np.asarray(inputs["pooled_projections"]))
+    with pytest.raises(ValueError, match="layer 1 out of range"):
+        _run(cfg, params, inputs, hk.Hooks(capture=("embed.1.txt.pooled",)), n_ctx)
+
+
 def _masked_processor(groups, bias, scale, layers):
     """A torch attention processor computing softmax(QK^T/sqrt(d) + bias)[*scale] @ V explicitly."""
     from diffusers.models.embeddings import apply_rotary_emb

@@ -23,6 +23,7 @@ def _expected_flux(cfg, n_img, n_txt, batch):
                                                      }.get(site, (batch, t, d))
         out[f"{stack}.*.joint.attn_probs_txt_to_img"] = (batch, h, n_txt, n_img)
         out[f"{stack}.*.joint.attn_img_sources"] = (batch, n_img, n_txt + 1)
+    out["embed.0.txt.pooled"] = (batch, cfg.pooled_projection_dim)  # the one site outside the blocks
     return out
 
 

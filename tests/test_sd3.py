@@ -279,6 +279,17 @@ def test_captures_match_torch_block_outputs(twin):
         sd3.forward(params, cfg, **inputs, hooks=hk.Hooks(capture=(f"joint.{last}.txt.resid_post",)))
 
 
+def test_pooled_site_edit_equals_torch_on_the_edited_vector(twin):
+    cfg, model, path = twin("sd3")
+    _, params = load_transformer(path)
+    inputs = sd3_inputs(cfg, 2, 8, 8, 5, seed=11)
+    edited = dict(inputs, pooled_projections=np.asarray(inputs["pooled_projections"]) * -0.5 + 0.25)
+    edit = hk.Edit("embed.0.txt.pooled", lambda p, x, ctx: x * -0.5 + 0.25)
+    out, caps = _forward(params, cfg, inputs, hk.Hooks(capture=("embed.*.txt.pooled",), edits=(edit,)))
+    assert rel_err(out, torch_forward(model, edited)) <= FP32_TOL
+    np.testing.assert_array_equal(np.asarray(caps["embed.0.txt.pooled"]), np.asarray(inputs["pooled_projections"]))
+
+
 def test_attention_mask_groups_follow_image_first_order(twin):
     """Blocking text <-> image attention makes the image stream, hence the output, blind to the text."""
     cfg, _, path = twin("sd3.5-large")
