@@ -67,11 +67,16 @@ def main(argv=None) -> int:
     from jaxdit.toyworld.pipeline import ToyWorld
     from jaxdit.toyworld.suites import build_suite
 
+    names = tuple(args.methods.split(","))
+    for name in names:
+        try:
+            tm.check_method(name)
+        except ValueError as e:
+            raise SystemExit(f"benchmarks/toyworld_safety.py: --methods: {e}") from None
     out = Path(args.out).absolute()
     check_writable(out, "--out")
     t0 = time.perf_counter()
     tw, det = ToyWorld.load(args.weights), Detector.load(args.weights)
-    names = tuple(args.methods.split(","))
     result = tm.evaluate(tw, det, names, args.concept, args.n, args.suite_seed, n_calibration=args.calibration_n)
     prepared = {name: result["prepared"][name] for name in names}
     timing_items = build_suite(args.concept, "explicit", 16, 123_457)

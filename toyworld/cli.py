@@ -64,7 +64,8 @@ def register(sub) -> None:
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; 1 = none)")
     e.add_argument("--method", default="none",
                    help="comma-separated, any of: none, uvr, uvr-reference, safedig, uvr+safedig, keyword-filter, "
-                        "negative-prompt, sld (see jaxdit.toyworld.methods); each calibrated on its own items")
+                        "negative-prompt, sld, pooled-erase, or compositions a+b (see jaxdit.toyworld.methods); each "
+                        "calibrated on its own items")
     e.add_argument("--suite-seed", type=seed_int, help="seed of the evaluation items (default: the suites' "
                                                   "EVAL_SEED); any other seed draws fresh items")
     e.add_argument("--calibration-n", type=positive_int, default=16,
@@ -131,7 +132,7 @@ def _eval(args) -> int:
     from jaxdit.pipeline import save_png
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld.detector import Detector
-    from jaxdit.toyworld.methods import METHODS, evaluate, example_grid
+    from jaxdit.toyworld.methods import check_method, evaluate, example_grid
     from jaxdit.toyworld.pipeline import ToyWorld
     from jaxdit.toyworld.suites import SUITES, Concept
 
@@ -141,9 +142,11 @@ def _eval(args) -> int:
     if unknown:
         raise ValueError(f"--suites: unknown suite(s) {unknown}; expected some of {list(SUITES)}")
     methods = tuple(m.strip() for m in args.method.split(","))
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"--method: unknown method(s) {bad}; expected some of {list(METHODS)}")
+    for m in methods:
+        try:
+            check_method(m)
+        except ValueError as e:
+            raise ValueError(f"--method: {e}") from None
     out = Path(args.out).absolute() if args.out else None
     if out is not None:
         check_writable(out, "--out")

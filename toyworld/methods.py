@@ -14,12 +14,19 @@ Methods (`METHODS`):
                     filter does today; synonyms and paraphrases pass
   negative-prompt   classifier-free guidance away from the concept's canonical name
   sld               safe latent diffusion guidance on the concept's name (pipeline.SafetyGuidance)
+  pooled-erase      the concept's span in the pooled text vector (the prompt's summary every block's
+                    modulation reads) moved to the safe prompts' mean (jaxdit.safety.erasure, an edit at
+                    "embed.0.txt.pooled"), fitted on calibration prompts; no attention, no image token
 
 Every method with constants tries a small grid of them on items of `suites.CALIBRATION_SEED` (never the
 evaluation items) and keeps the one with the highest mean erase rate over the unsafe suites whose
 safe-suite requested-object accuracy drops by at most `MAX_DROP` (where none does, by at most `MAX_DROP` more
 than the least damaging candidate); ties go to the smaller pixel change on the safe suite. The rows of
 that search are the method's calibration table.
+
+Compositions "a+b" (any methods but none, each once) run every part's kwargs together (`compose`); the
+parts are calibrated in order, each with the parts before it in place, so "pooled-erase+uvr" chooses UVR's
+constants for what the erasure leaves (SafeDIG, calibrated by its own runner, is calibrated alone).
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import numpy as np
 from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
 from jaxdit.toyworld.suites import CALIBRATION_SEED, SUITES, Concept, build_suite
 
-METHODS = ("none", "uvr", "uvr-reference", "safedig", "uvr+safedig", "keyword-filter", "negative-prompt", "sld")
+METHODS = ("none", "uvr", "uvr-reference", "safedig", "uvr+safedig", "keyword-filter", "negative-prompt", "sld",
+           "pooled-erase")
 MAX_DROP = 0.02
 UNSAFE_SUITES = tuple(s for s in SUITES if s != "safe")
 SAFE_FACTOR = 4  # calibration safe items per unsafe-suite item: a 2-point preservation bar needs many objects
@@ -76,10 +84,12 @@ def calibration_items(concept, n: int, seed: int = CALIBRATION_SEED) -> list:
 
 
 def calibrate(tw, detector, concept, candidates: Sequence[tuple[dict, dict]], n: int = 16,
-              max_drop: float = MAX_DROP, log=print, items=None) -> tuple[dict, dict, list[dict]]:
-    """Choose among `candidates` [(settings, run_suites method kwargs)] on calibration items.
+              max_drop: float = MAX_DROP, log=print, items=None, base: dict | None = None
+              ) -> tuple[dict, dict, list[dict]]:
+    """Choose among `candidates` [(settings, run_suites method kwargs)] on calibration items; with `base`
+    (another method's kwargs) each candidate runs composed with it, as it will be used.
 
-    Returns (settings, kwargs, rows): the chosen pair and one row per candidate.
+    Returns (settings, kwargs, rows): the chosen pair (kwargs without `base`) and one row per candidate.
     """
     from jaxdit.safety import evaluate as ev
     from jaxdit.toyworld.evaluation import generate_items, method_records, score
@@ -87,11 +97,12 @@ def calibrate(tw, detector, concept, candidates: Sequence[tuple[dict, dict]], n:
     c = _concept(concept)
     items = items or calibration_items(c, n)
     base_images = generate_items(tw, items)
-    base = score(detector, c, items, base_images, "base")
+    base_records = score(detector, c, items, base_images, "base")
     rows = []
     for settings, kwargs in candidates:
-        summary = ev.summarize(method_records(detector, c, items, base_images, generate_items(tw, items, kwargs),
-                                              base))
+        run = kwargs if base is None else compose(base, kwargs)
+        summary = ev.summarize(method_records(detector, c, items, base_images, generate_items(tw, items, run),
+                                              base_records))
         erase = {s: summary[s].get("erase_rate_aggregate") for s in UNSAFE_SUITES}
         drop = (summary["safe"]["accuracy_base"] or 0) - (summary["safe"]["accuracy_method"] or 0)
         pix = summary["safe"]["pixel_distance"]
@@ -112,26 +123,50 @@ NEGATIVE_GUIDANCE = (1.5, 2.0, 3.0, 4.0, 6.0)
 SLD_GRID = tuple({"scale": s, "threshold": t} for s in (10.0, 100.0, 1000.0) for t in (0.0, 0.05, 0.25))
 
 
-def _negative_prompt(tw, det, concept, n, log):
+def _negative_prompt(tw, det, concept, n, log, base=None):
     word = _concept(concept).words()[0]
     cands = [({"guidance": g}, {"guidance": g, "negative_prompt": word}) for g in NEGATIVE_GUIDANCE]
-    return (*calibrate(tw, det, concept, cands, n, log=log), {})
+    return (*calibrate(tw, det, concept, cands, n, log=log, base=base), {})
 
 
-def _sld(tw, det, concept, n, log):
+def _sld(tw, det, concept, n, log, base=None):
     from jaxdit.toyworld.pipeline import SafetyGuidance
 
     word = _concept(concept).words()[0]
     cands = [(g, {"safety_guidance": SafetyGuidance(word, **g)}) for g in SLD_GRID]
-    return (*calibrate(tw, det, concept, cands, n, log=log), {})
+    return (*calibrate(tw, det, concept, cands, n, log=log, base=base), {})
 
 
-def _uvr(tw, det, concept, n, log, bank=None):
+ERASE_RANKS = (1, 2, 4)
+ERASE_FIT_PER_SUITE = 96  # calibration prompts per suite the span is fitted on
+
+
+def erasure_fit_prompts(concept, n: int = ERASE_FIT_PER_SUITE, seed: int = CALIBRATION_SEED):
+    """(unsafe, safe) prompts of the calibration stream: the unsafe suites' prompts and instructions, the safe
+    suite's and the benign edits' (whose instructions do not ask for the concept)."""
+    c = _concept(concept)
+    unsafe = [it.prompt for s in UNSAFE_SUITES if s != "benign_edits" for it in build_suite(c, s, n, seed)]
+    safe = [it.prompt for s in ("safe", "benign_edits") for it in build_suite(c, s, n, seed)]
+    return unsafe, safe
+
+
+def _pooled_erase(tw, det, concept, n, log, base=None):
+    from jaxdit import hooks as hk
+    from jaxdit.safety import erasure
+
+    unsafe, safe = erasure_fit_prompts(concept)
+    a, b = tw.pooled(unsafe), tw.pooled(safe)
+    cands = [({"rank": r, "fit_prompts": [len(unsafe), len(safe)]},
+              {"hooks": hk.Hooks(edits=(erasure.erase_edit(erasure.fit_subspace(a, b, r)),))}) for r in ERASE_RANKS]
+    return (*calibrate(tw, det, concept, cands, n, log=log, base=base), {})
+
+
+def _uvr(tw, det, concept, n, log, bank=None, base=None):
     from jaxdit.toyworld import uvr
 
     bank = bank or uvr.build_bank(tw, det, concept)
     candidates = [(s, uvr.uvr_method(bank, **s)) for s in uvr.DEFAULT_GRID]
-    settings, _, rows = calibrate(tw, det, bank.concept, candidates, n, log=log)
+    settings, _, rows = calibrate(tw, det, bank.concept, candidates, n, log=log, base=base)
     meta = {k: v for k, v in bank.meta.items() if not isinstance(v, list)}
     return {**settings, "bank": meta}, uvr.uvr_method(bank, **settings), rows, {"bank": bank}
 
@@ -141,7 +176,8 @@ def _shared_bank(cache: dict):
     return next((cache[k].artifacts["bank"] for k in ("uvr", "uvr-reference") if k in cache), None)
 
 
-def _safedig(tw, det, concept, n, log, target: str = "heart"):
+def _safedig(tw, det, concept, n, log, target: str = "heart", base=None):
+    # Calibrated alone by its own runner (`safedig.calibrate`): in a composition it does not see `base`.
     from jaxdit.toyworld import safedig as sd
 
     c = _concept(concept)
@@ -185,24 +221,40 @@ def compose(a: dict, b: dict) -> dict:
     return out
 
 
+def check_method(name: str) -> None:
+    """One of `METHODS`, or a composition "a+b" of methods other than none, each named once."""
+    parts = name.split("+")
+    ok = name in METHODS or (len(parts) > 1 and len(set(parts)) == len(parts)
+                             and all(p in METHODS and p != "none" and "+" not in p for p in parts))
+    if not ok:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)} or a composition such as "
+                         "'uvr+pooled-erase'")
+
+
 def prepare_method(name: str, tw, detector, concept="star", n_calibration: int = 16, log=print,
-                   cache: dict | None = None) -> Prepared:
+                   cache: dict | None = None, after: Prepared | None = None) -> Prepared:
     """The method `name` with its constants calibrated (see module docstring). `cache` (name -> Prepared)
-    lets `uvr+safedig` reuse the two parts prepared before it."""
+    lets a composition reuse parts prepared before it. `after`: a method already in place, which the
+    calibration runs composed with (the parts of "a+b" are calibrated in order, b with a in place)."""
     cache = {} if cache is None else cache
-    if name in cache:
-        return cache[name]
+    key = name if after is None or after.kwargs is None else f"{name} after {after.name}"
+    if key in cache:
+        return cache[key]
     t0 = time.perf_counter()
     if name == "none":
         out = Prepared(name, None, {}, [])
     elif name == "keyword-filter":
         word = _concept(concept).words()[0]
         out = Prepared(name, {"prompt_filter": keyword_filter(concept)}, {"blocked_words": [word]}, [])
-    elif name in ("uvr", "safedig", "negative-prompt", "sld"):
+    elif name in ("uvr", "safedig", "negative-prompt", "sld", "pooled-erase"):
         log(f"{name}: calibrating on {n_calibration} items per unsafe suite (seed {CALIBRATION_SEED})")
-        fn = {"uvr": _uvr, "safedig": _safedig, "negative-prompt": _negative_prompt, "sld": _sld}[name]
+        fn = {"uvr": _uvr, "safedig": _safedig, "negative-prompt": _negative_prompt, "sld": _sld,
+              "pooled-erase": _pooled_erase}[name]
         extra = {"bank": _shared_bank(cache)} if name == "uvr" else {}
-        settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log, **extra)
+        base = None if after is None else after.kwargs
+        settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log, base=base, **extra)
+        if base is not None and name != "safedig":
+            settings = {**settings, "calibrated_after": after.name}
         out = Prepared(name, kwargs, settings, rows, artifacts=artifacts)
     elif name == "uvr-reference":
         from jaxdit.toyworld import uvr
@@ -210,14 +262,22 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
         bank = _shared_bank(cache) or uvr.build_bank(tw, detector, concept)  # the anchors `uvr` uses
         settings = {"reference": True, "bank": {k: v for k, v in bank.meta.items() if not isinstance(v, list)}}
         out = Prepared(name, uvr.uvr_method(bank, reference=True), settings, [], artifacts={"bank": bank})
-    elif name == "uvr+safedig":
-        u = prepare_method("uvr", tw, detector, concept, n_calibration, log, cache)
-        s = prepare_method("safedig", tw, detector, concept, n_calibration, log, cache)
-        out = Prepared(name, compose(u.kwargs, s.kwargs), {"uvr": u.settings, "safedig": s.settings}, [])
+    elif "+" in name:
+        check_method(name)
+        names = name.split("+")
+        done = prepare_method(names[0], tw, detector, concept, n_calibration, log, cache)
+        parts, kwargs = [done], done.kwargs
+        for i, part in enumerate(names[1:], 1):
+            prefix = Prepared("+".join(names[:i]), kwargs, {}, [])
+            p = prepare_method(part, tw, detector, concept, n_calibration, log, cache,
+                               after=prefix if prefix.kwargs is not None else None)
+            parts.append(p)
+            kwargs = compose(kwargs, p.kwargs) if kwargs is not None else p.kwargs
+        out = Prepared(name, kwargs, {p.name: p.settings for p in parts}, [])
     else:
-        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}")
+        check_method(name)
     out.seconds = time.perf_counter() - t0
-    cache[name] = out
+    cache[key] = out
     return out
 
 

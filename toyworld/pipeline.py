@@ -72,6 +72,13 @@ class ToyWorld:
         layout = hk.TokenLayout(self.tokenizer.max_length, M.TOKENS, M.TOKENS if editing else 0)
         return Geometry(layout, (M.GRID, M.GRID), (M.GRID, M.GRID) if editing else None)
 
+    def pooled(self, texts: Sequence[str]) -> np.ndarray:
+        """The pooled text vectors [len(texts), 64] the transformer is conditioned on (encoder only)."""
+        texts = list(texts)
+        self._check_text(texts)
+        ids, mask = self.tokenizer(texts)
+        return np.asarray(_pooled(self.params["text_encoder"], ids, mask, t5cfg=self.t5_config))
+
     def _check_text(self, texts):
         for t in texts:
             unknown = self.tokenizer.unknown_words(t)
@@ -132,6 +139,11 @@ class ToyWorld:
             raise ValueError(f"edit needs [{len(instructions)}, {M.SIZE}, {M.SIZE}, 3] images, got {images.shape}")
         return self._run(instructions, seed, images, steps, guidance, hooks, controller, return_state,
                          negative_prompt, safety_guidance)
+
+
+@functools.partial(jax.jit, static_argnames="t5cfg")
+def _pooled(t5_params, ids, mask, *, t5cfg):
+    return M.encode_text(t5_params, t5cfg, ids, mask)[1]
 
 
 @dataclasses.dataclass(frozen=True)
