@@ -133,6 +133,7 @@ def _edit_sizes(pipe, image, args) -> dict:
 def _generate(args, editing: bool = False) -> int:
     from jaxdit.convert.checkpoint import check_writable
     from jaxdit.pipeline import load_pipeline, save_png
+    from jaxdit.safety.cli import erasure_hooks
     from jaxdit.safety.uvr.cli import controller_from_args
 
     if not args.out.lower().endswith(".png"):
@@ -140,6 +141,7 @@ def _generate(args, editing: bool = False) -> int:
     check_writable(args.out, "--out")
     image = read_image(args.image) if editing else None
     controller = controller_from_args(args, editing)
+    erase = erasure_hooks(args.erase) if args.erase else None
     pipe = load_pipeline(args.model, dtype=args.dtype, editing=editing)
     kw = dict(num_inference_steps=args.steps, seed=args.seed, num_images_per_prompt=args.num_images)
     if args.guidance is not None:
@@ -148,6 +150,8 @@ def _generate(args, editing: bool = False) -> int:
         kw["max_sequence_length"] = args.max_sequence_length
     if controller is not None:
         kw["controller"] = controller
+    if erase is not None:
+        kw["hooks"] = erase(pipe)
     if editing:
         images = pipe(image, args.prompt, **kw, **_edit_sizes(pipe, image, args))
     else:
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
         g.add_argument("--num-images", type=positive_int, default=1)
         g.add_argument("--max-sequence-length", type=positive_int)
+        g.add_argument("--erase", metavar="FILE", help="erase a concept from the pooled text vector (a file of "
+                                                       "`jaxdit safety erase`); combines with --uvr")
         uvr_cli.add_generation_options(g)
         g.set_defaults(fn=lambda a, e=editing: _generate(a, e))
     uvr_cli.register(sub)

@@ -3,6 +3,7 @@
     sub = fit_subspace(unsafe, safe, rank=1)      # unsafe [N, D], safe [M, D] conditioning vectors
     pooled = erase(pooled, sub)                   # [..., D]: the concept's span moved to the safe mean
     hooks = Hooks(edits=(erase_edit(sub),))       # the same, inside the model ("embed.0.txt.pooled")
+    save_subspace("star.safetensors", sub, meta)  # `jaxdit safety erase` writes these; --erase FILE reads them
 
 A concept that a model reads from one vector (the pooled prompt embedding FLUX and SD3 add to every
 block's modulation) is out of reach of any attention transformation; where it lies along a few directions
@@ -13,6 +14,10 @@ the directions along which the two sets of prompts differ most. Pure functions o
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +73,49 @@ def erase_edit(sub: Subspace, position: str = POOLED) -> hk.Edit:
     """A `jaxdit.hooks.Edit` erasing the span at `position` (every sampling step and batch row; composes
     with UVR's and SafeDIG's hooks through `hooks.merge`)."""
     return hk.Edit(position, lambda p, x, ctx: erase(x, p), sub)
+
+
+FORMAT = "concept-erasure"
+
+
+def save_subspace(path, sub: Subspace, meta: dict) -> Path:
+    """Write `sub` atomically: safetensors with `basis` [D, r] and `anchor` [D], JSON metadata (position, ...)."""
+    from safetensors.numpy import save_file
+
+    from jaxdit.io import atomic_file
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file({"basis": np.ascontiguousarray(sub.basis, np.float32),
+                   "anchor": np.ascontiguousarray(sub.anchor, np.float32)}, tmp,
+                  metadata={"jaxdit": json.dumps({"format": FORMAT, "version": 1, "position": POOLED, **meta})})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; this is as readable as any other output
+    return path
+
+
+def load_subspace(path) -> tuple[Subspace, dict]:
+    """(Subspace, metadata) of a file `save_subspace` wrote; one-line errors naming the file and the key."""
+    from jaxdit.io import CheckpointError, SafetensorsFile
+
+    f = SafetensorsFile(path)
+    meta = json.loads(f.metadata.get("jaxdit", "{}"))
+    if meta.get("format") != FORMAT or not {"basis", "anchor"} <= set(f.keys()):
+        raise CheckpointError(f"{path}: not a concept erasure (needs 'basis' and 'anchor' tensors and jaxdit "
+                              f"metadata of format {FORMAT!r})")
+    basis, anchor = np.asarray(f.get("basis"), np.float32), np.asarray(f.get("anchor"), np.float32)
+    if basis.ndim != 2 or anchor.shape != (basis.shape[0],):
+        raise CheckpointError(f"{path}: basis must be [D, r] and anchor [D], got {basis.shape} and {anchor.shape}")
+    if not np.allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-4):
+        raise CheckpointError(f"{path}: basis: the columns are not orthonormal")
+    return Subspace(jnp.asarray(basis), jnp.asarray(anchor)), meta
+
+
+def pooled_vectors(pipe, prompts, batch: int = 16) -> np.ndarray:
+    """The pooled text vectors [N, D] a FLUX or SD3 pipeline conditions on for `prompts` (its CLIP encoders;
+    the T5 sequence, which the pooled vector does not depend on, is kept short)."""
+    prompts = list(prompts)
+    out = [np.asarray(pipe.encode_prompt(prompts[i:i + batch], max_sequence_length=16)[1], np.float32)
+           for i in range(0, len(prompts), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
