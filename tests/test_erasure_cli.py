@@ -5,19 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdit.cli import main
 from jaxdit.safety import erasure
+from test_cli_errors import run  # (status, stdout, stderr); a refusal is exactly one line
 
 UNSAFE = ["a cat", "a small cat", "a photo of a cat", "two cats on a chair", "a cat sitting"]
 SAFE = ["a dog", "a red chair", "a photo of a tree", "two dogs on a sofa", "a house"]
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    if status == 2:
-        assert err.count("\n") == 1 and "Traceback" not in err, err
-    return status, out, err
 
 
 @pytest.fixture(scope="module")
