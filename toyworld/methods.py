@@ -176,8 +176,12 @@ def _shared_bank(cache: dict):
     return next((cache[k].artifacts["bank"] for k in ("uvr", "uvr-reference") if k in cache), None)
 
 
+# Methods calibrated by their own runner (`safedig.calibrate`), which runs nothing else: in a composition
+# they are calibrated alone, and prepared once.
+CALIBRATED_ALONE = ("safedig",)
+
+
 def _safedig(tw, det, concept, n, log, target: str = "heart", base=None):
-    # Calibrated alone by its own runner (`safedig.calibrate`): in a composition it does not see `base`.
     from jaxdit.toyworld import safedig as sd
 
     c = _concept(concept)
@@ -237,6 +241,8 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
     lets a composition reuse parts prepared before it. `after`: a method already in place, which the
     calibration runs composed with (the parts of "a+b" are calibrated in order, b with a in place)."""
     cache = {} if cache is None else cache
+    if name in CALIBRATED_ALONE:
+        after = None
     key = name if after is None or after.kwargs is None else f"{name} after {after.name}"
     if key in cache:
         return cache[key]
@@ -253,7 +259,7 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
         extra = {"bank": _shared_bank(cache)} if name == "uvr" else {}
         base = None if after is None else after.kwargs
         settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log, base=base, **extra)
-        if base is not None and name != "safedig":
+        if base is not None:
             settings = {**settings, "calibrated_after": after.name}
         out = Prepared(name, kwargs, settings, rows, artifacts=artifacts)
     elif name == "uvr-reference":
