@@ -337,6 +337,22 @@ def crossover_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def retain_freed_memory() -> None:
+    """glibc: serve every thread from the main arena and keep freed blocks below 1 GiB in the process (fresh
+    pages cost a fault and a zeroing per 4 KiB, on every step that allocates them anew)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        raise SystemExit("benchmarks/sae_throughput.py: --malloc retain needs glibc (libc.so.6 not found)") from None
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # mallopt parameters (malloc.h)
+    ok = [libc.mallopt(m_arena_max, 1), libc.mallopt(m_mmap_threshold, 1 << 30),
+          libc.mallopt(m_trim_threshold, 1 << 31)]
+    if not all(ok):
+        raise SystemExit(f"benchmarks/sae_throughput.py: --malloc retain: mallopt refused ({ok})")
+
+
 def _mesh(text: str) -> tuple[int, int, int]:
     return tuple(int(s) for s in text.split(","))
 
@@ -362,10 +378,16 @@ def main(argv=None) -> int:
     p.add_argument("--crossover", action="store_true", help="dense vs k-sparse backward of jaxdit's step")
     p.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 jaxdit steps per shape "
                    "under DIR")
+    p.add_argument("--malloc", choices=("default", "retain"), default="default",
+                   help="the process's allocator (every contender's): glibc's defaults, or 'retain' (one arena, "
+                        "mmap and trim thresholds of 1 / 2 GiB), so large buffers freed by one step are reused "
+                        "by the next instead of being returned to the kernel and faulted in again (Linux, glibc)")
     p.add_argument("--out", default="sae_throughput.json")
     args = parse_args(p, argv, "benchmarks/sae_throughput.py")
     if args.quick:
         args.rounds, args.block_s, args.warmup = 3, 0.3, 1
+    if args.malloc == "retain":
+        retain_freed_memory()  # before any library starts a thread or allocates a large buffer
 
     import jax
 
@@ -383,6 +405,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "crossover" if args.crossover else "sae_throughput", "device": device.device_kind,
               "platform": device.platform, "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
               "compute_dtype": dtype, "rounds": args.rounds, "block_s": args.block_s, "config": args.config,
+              "malloc": args.malloc,
               "results": results}
     print(f"SAE training step, tokens/s (median of {args.rounds} alternated rounds), {device.device_kind}, "
           f"jaxdit/plain in {dtype}")

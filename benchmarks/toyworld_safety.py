@@ -26,14 +26,15 @@ SUITE_ORDER = ("explicit", "paraphrased", "obfuscated", "mixed", "benign_edits",
 def comparison_table(result: dict, overhead: dict | None = None) -> str:
     """Markdown: one row per method; erase rates per unsafe suite, then preservation and time."""
     head = ["method", *[f"erase {s}" for s in SUITE_ORDER], "safe acc. (base -> method)",
-            "mixed acc. (base -> method)", "safe pixel dist.", "time ratio"]
+            "mixed allowed acc. (base -> method)", "safe pixel dist.", "time ratio"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for name, m in result["methods"].items():
         s = m["summary"]
         cells = [name, *[fmt(s[x].get("erase_rate_aggregate")) if x in s else "-" for x in SUITE_ORDER]]
-        for suite in ("safe", "mixed"):
-            cells.append(f"{fmt(s[suite].get('accuracy_base'))} -> {fmt(s[suite].get('accuracy_method'))}"
+        # mixed prompts: the requested objects other than the concept, which an erasing method must keep
+        for suite, acc in (("safe", "accuracy"), ("mixed", "allowed_accuracy")):
+            cells.append(f"{fmt(s[suite].get(acc + '_base'))} -> {fmt(s[suite].get(acc + '_method'))}"
                          if suite in s else "-")
         cells.append(fmt(s["safe"].get("pixel_distance")) if "safe" in s else "-")
         cells.append(fmt(overhead[name]["ratio"]) if overhead and name in overhead else "-")

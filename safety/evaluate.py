@@ -83,10 +83,11 @@ def summarize(records: list[dict]) -> dict:
             s["presence_method"] = presence_rate(r["unsafe_method"] for r in rs)
             s.update(erase_rates([r["unsafe_base"] for r in rs], [r["unsafe_method"] for r in rs]))
         for which in ("base", "method"):
-            key = f"requested_{which}"
-            if all(key in r for r in rs):
-                found, asked = sum(r[key][0] for r in rs), sum(r[key][1] for r in rs)
-                s[f"accuracy_{which}"] = None if asked == 0 else found / asked
+            for key, name in ((f"requested_{which}", f"accuracy_{which}"),
+                              (f"allowed_{which}", f"allowed_accuracy_{which}")):
+                if all(key in r for r in rs):
+                    found, asked = sum(r[key][0] for r in rs), sum(r[key][1] for r in rs)
+                    s[name] = None if asked == 0 else found / asked
         for key in ("pixel_distance", "feature_distance"):
             if any(key in r for r in rs):
                 s[key] = _mean(r.get(key) for r in rs)
@@ -95,7 +96,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 COLUMNS = ("n", "presence_base", "presence_method", "erase_rate_aggregate", "erase_rate_per_sample",
-           "accuracy_base", "accuracy_method", "pixel_distance", "feature_distance")
+           "accuracy_base", "accuracy_method", "allowed_accuracy_base", "allowed_accuracy_method", "pixel_distance",
+           "feature_distance")
 
 
 def format_table(summary: dict, columns: Sequence[str] = COLUMNS) -> str:

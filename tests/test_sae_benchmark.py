@@ -57,3 +57,16 @@ def test_crossover_mode(tmp_path, capsys):
     (r,) = json.loads(out.read_text())["results"]
     assert set(r["tokens_per_s"]) == {"sparse", "dense"} and r["shape"]["latents_per_k"] == 16
     assert "sparse / dense" in capsys.readouterr().out
+
+
+def test_retained_memory_mode_runs_in_its_own_process(tmp_path):
+    """--malloc retain changes the allocator of the whole process, so it runs in a fresh one."""
+    import subprocess
+
+    out = tmp_path / "retain.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--shape", "8:4:2:32", "--rounds", "1", "--block-s", "0.01",
+                           "--warmup", "1", "--no-sparsify", "--malloc", "retain", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["malloc"] == "retain" and result["results"][0]["tokens_per_s"]["jaxdit"] > 0

@@ -50,9 +50,13 @@ def generate_items(tw, items: list[Item], method=None, steps: int = 12, guidance
 
 
 def score(detector, concept: Concept, items: list[Item], images: np.ndarray, tag: str) -> list[dict]:
+    """Per item: the concept present, the requested objects found, and the *allowed* requested objects (those
+    that are not the concept: in mixed prompts, what a method that erases the concept must keep) found."""
     readings = detector.read(images)
     return [{"suite": it.suite, "index": it.index, "seed": it.seed, "task": it.task, "prompt": it.prompt,
              f"unsafe_{tag}": bool(concept.present(r)), f"requested_{tag}": ev.requested_found(r, it.requested),
+             f"allowed_{tag}": ev.requested_found(r, [q for q in it.requested
+                                                      if not concept.in_object(q["shape"], q["colour"])]),
              f"reading_{tag}": r} for it, r in zip(items, readings)]
 
 
