@@ -2,6 +2,7 @@
 
     python benchmarks/toyworld_safety.py --n 64 --suite-seed 5 --out toyworld_safety/
     python benchmarks/toyworld_safety.py --config experiments/benchmarks/toyworld_safety.toml   # as measured
+    python benchmarks/toyworld_safety.py --methods none,pooled-erase,pooled-erase+uvr   # any methods, compositions
 
 Every method is calibrated on its own items (`suites.CALIBRATION_SEED`), then run on the evaluation items
 of `--suite-seed` from the same noise seeds as the unprotected model. Prints one row per method (aggregate
