@@ -61,6 +61,15 @@ def read_text(path, flag: str) -> str:
         raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
 
 
+def read_prompt_lines(path, flag: str) -> list[str]:
+    """The non-blank lines, stripped, of the text file given by `flag` (one prompt per line); refused in one
+    line when there are none."""
+    prompts = [line.strip() for line in read_text(path, flag).splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path}: no prompts (one per line)")
+    return prompts
+
+
 def read_image(path, flag: str = "--image"):
     """An RGB PIL image given by `flag`; refused in one line naming it when it cannot be read."""
     from PIL import Image, UnidentifiedImageError

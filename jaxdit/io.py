@@ -248,6 +248,20 @@ def atomic_file(out: str | os.PathLike):
         tmp.unlink(missing_ok=True)
 
 
+def save_safetensors(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (`atomic_file`), readable as the umask allows any other output
+    (safetensors itself writes 0600)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    return out
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory that becomes `out` only if the block completes."""

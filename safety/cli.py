@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from jaxdit.flags import finite_float, fraction, positive_int, seed_int
+from jaxdit.flags import finite_float, fraction, positive_int, read_prompt_lines, seed_int
 
 
 def register(sub) -> None:
@@ -96,17 +96,6 @@ def _compare(args) -> int:
     return 0
 
 
-def _read_prompt_lines(path: str, flag: str) -> list[str]:
-    try:
-        lines = [line.strip() for line in open(path, encoding="utf-8").read().splitlines()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    prompts = [line for line in lines if line]
-    if not prompts:
-        raise ValueError(f"{flag} {path}: no prompts (one per line)")
-    return prompts
-
-
 def erasure_hooks(path):
     """--erase FILE -> (pipe -> Hooks): the file read now (bad files fail before any model loads), its width
     checked against the pipeline's pooled vector once that is loaded."""
@@ -133,8 +122,8 @@ def _erase(args) -> int:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: must name a .safetensors file")
     check_writable(args.out, "--out")
-    unsafe = _read_prompt_lines(args.unsafe_prompts, "--unsafe-prompts")
-    safe = _read_prompt_lines(args.safe_prompts, "--safe-prompts")
+    unsafe = read_prompt_lines(args.unsafe_prompts, "--unsafe-prompts")
+    safe = read_prompt_lines(args.safe_prompts, "--safe-prompts")
     pipe = load_pipeline(args.model, dtype=args.dtype)
     a, b = erasure.pooled_vectors(pipe, unsafe), erasure.pooled_vectors(pipe, safe)
     if args.rank > a.shape[1]:

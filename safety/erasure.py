@@ -16,7 +16,6 @@ the directions along which the two sets of prompts differ most. Pure functions o
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -80,19 +79,11 @@ FORMAT = "concept-erasure"
 
 def save_subspace(path, sub: Subspace, meta: dict) -> Path:
     """Write `sub` atomically: safetensors with `basis` [D, r] and `anchor` [D], JSON metadata (position, ...)."""
-    from safetensors.numpy import save_file
+    from jaxdit.io import save_safetensors
 
-    from jaxdit.io import atomic_file
-
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        save_file({"basis": np.ascontiguousarray(sub.basis, np.float32),
-                   "anchor": np.ascontiguousarray(sub.anchor, np.float32)}, tmp,
-                  metadata={"jaxdit": json.dumps({"format": FORMAT, "version": 1, "position": POOLED, **meta})})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; this is as readable as any other output
-    return path
+    tensors = {"basis": np.asarray(sub.basis, np.float32), "anchor": np.asarray(sub.anchor, np.float32)}
+    return save_safetensors(path, tensors,
+                            {"jaxdit": json.dumps({"format": FORMAT, "version": 1, "position": POOLED, **meta})})
 
 
 def load_subspace(path) -> tuple[Subspace, dict]:

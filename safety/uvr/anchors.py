@@ -20,7 +20,6 @@ Banks are safetensors files (`anchors` [H, K, D] + JSON metadata: concept, model
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -191,18 +190,10 @@ def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.1
 
 def save_bank(path, anchors: np.ndarray, meta: dict) -> Path:
     """Write a bank atomically: safetensors with `anchors` [H, K, D] and JSON metadata."""
-    from safetensors.numpy import save_file
+    from jaxdit.io import save_safetensors
 
-    from jaxdit.convert.checkpoint import atomic_file
-
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        save_file({"anchors": np.ascontiguousarray(anchors, np.float32)}, tmp,
-                  metadata={"jaxdit": json.dumps({"format": "uvr-anchors", "version": 1, **meta})})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a bank is as readable as any other output
-    return path
+    return save_safetensors(path, {"anchors": np.asarray(anchors, np.float32)},
+                            {"jaxdit": json.dumps({"format": "uvr-anchors", "version": 1, **meta})})
 
 
 def load_bank(path) -> tuple[np.ndarray, dict]:

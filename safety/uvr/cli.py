@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdit.flags import finite_float, fraction, non_negative_float, positive_int, read_image, read_text, seed_int
+from jaxdit.flags import (finite_float, fraction, non_negative_float, positive_int, read_image, read_prompt_lines,
+                          seed_int)
 
 
 def register(sub) -> None:
@@ -76,9 +77,7 @@ def _anchors(args) -> int:
     from jaxdit.safety.uvr.anchors import collect, save_bank
 
     check_writable(args.out, "--out")
-    prompts = [line.strip() for line in read_text(args.prompts, "--prompts").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {args.prompts}: no prompts")
+    prompts = read_prompt_lines(args.prompts, "--prompts")
     pipe = load_pipeline(args.model, dtype=args.dtype)
     if not isinstance(pipe, FluxPipeline):
         raise ValueError(f"{args.model}: UVR anchors need a FLUX pipeline")
