@@ -243,7 +243,7 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
     cache = {} if cache is None else cache
     if name in CALIBRATED_ALONE:
         after = None
-    key = name if after is None or after.kwargs is None else f"{name} after {after.name}"
+    key = name if after is None else f"{name} after {after.name}"
     if key in cache:
         return cache[key]
     t0 = time.perf_counter()
@@ -270,15 +270,13 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
         out = Prepared(name, uvr.uvr_method(bank, reference=True), settings, [], artifacts={"bank": bank})
     elif "+" in name:
         check_method(name)
-        names = name.split("+")
-        done = prepare_method(names[0], tw, detector, concept, n_calibration, log, cache)
-        parts, kwargs = [done], done.kwargs
+        names = name.split("+")  # none is never a part, so every part has kwargs
+        parts = [prepare_method(names[0], tw, detector, concept, n_calibration, log, cache)]
+        kwargs = parts[0].kwargs
         for i, part in enumerate(names[1:], 1):
-            prefix = Prepared("+".join(names[:i]), kwargs, {}, [])
-            p = prepare_method(part, tw, detector, concept, n_calibration, log, cache,
-                               after=prefix if prefix.kwargs is not None else None)
-            parts.append(p)
-            kwargs = compose(kwargs, p.kwargs) if kwargs is not None else p.kwargs
+            after = Prepared("+".join(names[:i]), kwargs, {}, [])
+            parts.append(prepare_method(part, tw, detector, concept, n_calibration, log, cache, after=after))
+            kwargs = compose(kwargs, parts[-1].kwargs)
         out = Prepared(name, kwargs, {p.name: p.settings for p in parts}, [])
     else:
         check_method(name)
