@@ -162,14 +162,17 @@ def hooks_at(hooks: HooksArg, step: jax.Array) -> hk.Hooks | None:
 
 def controlled_euler(velocity: Callable, latents: jax.Array, sigmas: jax.Array, timesteps: jax.Array,
                      hooks: HooksArg = None, controller: "hk.Controller | None" = None,
-                     geometry: "hk.Geometry | None" = None, *, aux: Any = None, controller_batch: int | None = None,
+                     geometry: "hk.Geometry | None" = None, *, aux: Any = None, branches: int = 1, lead: int = 0,
                      on_step: Callable[[jax.Array], None] | None = None):
     """The one denoising loop of every pipeline: Euler steps (`euler_sample`) of
     velocity(x, timestep, step_index, step_hooks, aux) -> (velocity, captures, aux), where step_hooks
     are the user's `hooks` at that step merged with the `controller`'s (`hk.Controller`: its hooks from
     the state before the step, its state updated from the step's captures after it) and `aux` is the
-    caller's own carried state (e.g. a guidance momentum). `controller_batch`: the batch the controller
-    sees (default: the latents'; larger when the caller runs several branches per step).
+    caller's own carried state (e.g. a guidance momentum). `branches`: how many copies of the latents the
+    model's batch holds each step (classifier-free guidance's conditional and unconditional branches, ...),
+    branch after branch; the controller then keeps one state per image, the one it finds on branch `lead`
+    (the prompt's), for every branch: the branches predict the same image, so they are steered on the same
+    patches, and only the prompt's branch names the concept.
 
     Returns (latents, final controller state or None).
     """
@@ -185,12 +188,19 @@ def controlled_euler(velocity: Callable, latents: jax.Array, sigmas: jax.Array, 
             step_hooks = hk.merge(step_hooks, controller.hooks(ctrl, i, t, geometry)).replace(step=i)
         v, caps, carried = velocity(x, t, i, step_hooks, carried)
         if controller is not None:
-            ctrl = controller.update(ctrl, caps, i, t, geometry)
+            ctrl = _from_lead(controller.update(ctrl, caps, i, t, geometry), branches, lead)
         return v, (ctrl, carried)
 
-    start = (None if controller is None else controller.init(controller_batch or latents.shape[0], geometry), aux)
+    start = (None if controller is None else controller.init(branches * latents.shape[0], geometry), aux)
     out, (ctrl, _) = euler_sample(denoise, latents, sigmas, timesteps, on_step, state=start)
     return out, ctrl
+
+
+def _from_lead(state, branches: int, lead: int):
+    """Every leaf [branches * B, ...] with each branch's rows replaced by branch `lead`'s."""
+    if branches == 1:
+        return state
+    return jax.tree.map(lambda s: jnp.concatenate([jnp.split(s, branches)[lead]] * branches), state)
 
 
 def cfg_combine(uncond: jax.Array, cond: jax.Array, scale) -> jax.Array:

@@ -86,3 +86,36 @@ def test_euler_loop_equals_diffusers_step():
     np.testing.assert_allclose(np.asarray(out), x.numpy(), rtol=0, atol=1e-6)
     jax.effects_barrier()
     assert seen == list(range(steps))
+
+
+class _RowController:
+    """A controller whose state is each batch row's latest capture (its row number times the step)."""
+
+    def init(self, batch, geometry):
+        return {"seen": jnp.zeros((batch, 3))}
+
+    def hooks(self, state, step, t, geometry):
+        from jaxdit import hooks as hk
+
+        return hk.Hooks()
+
+    def update(self, state, captures, step, t, geometry):
+        return {"seen": captures["rows"]}
+
+
+@pytest.mark.parametrize("branches,lead", [(1, 0), (2, 0), (2, 1), (3, 2)])
+def test_controller_state_is_one_per_image_from_the_lead_branch(branches, lead):
+    """With the batch holding `branches` copies of 2 images, the controller's state for every copy of image j
+    is what it found on branch `lead`'s row of image j."""
+    b = 2
+    rows = jnp.arange(branches * b, dtype=jnp.float32)
+
+    def velocity(x, t, i, step_hooks, aux):
+        return jnp.zeros_like(x), {"rows": jnp.tile((rows * (i + 1))[:, None], (1, 3))}, aux
+
+    sigmas, timesteps = jnp.linspace(1.0, 0.0, 4), jnp.linspace(1000.0, 250.0, 3)
+    _, state = sampling.controlled_euler(velocity, jnp.zeros((b, 5, 4)), sigmas, timesteps,
+                                         controller=_RowController(), branches=branches, lead=lead)
+    seen = np.asarray(state["seen"])[:, 0]
+    expected = np.tile(np.arange(lead * b, (lead + 1) * b) * 3.0, branches)  # the last of 3 steps
+    np.testing.assert_array_equal(seen, expected)

@@ -206,4 +206,4 @@ def _sample(params, noise, ids, mask, context, sigmas, timesteps, guidance, hook
 
     return sampling.controlled_euler(velocity, noise, sigmas, timesteps, hooks_fn if hooks_fn is not None else hooks,
                                      controller, geometry, aux=None if sld is None else jnp.zeros_like(noise),
-                                     controller_batch=ids.shape[0])
+                                     branches=branches)

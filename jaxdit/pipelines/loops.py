@@ -36,7 +36,7 @@ def flux_sample(params, latents, embeds, pooled, guidance, sigmas, timesteps, im
 def sd3_sample(params, latents, embeds, pooled, guidance_scale, sigmas, timesteps, hooks, controller, *, config,
                cfg_on, hooks_fn, on_step, geometry):
     """The SD3 denoising loop as one program; with CFG the batch is [negative; positive] (a controller
-    sees and steers both halves)."""
+    steers both halves on the state it finds on the positive one)."""
     def velocity(x, t, i, step_hooks, aux):
         x_in = jnp.concatenate([x, x]) if cfg_on else x
         v, caps = sd3.forward(params, config, x_in, embeds, pooled, jnp.full((x_in.shape[0],), t), step_hooks)
@@ -46,5 +46,5 @@ def sd3_sample(params, latents, embeds, pooled, guidance_scale, sigmas, timestep
         return v, caps, aux
 
     return sampling.controlled_euler(velocity, latents, sigmas, timesteps, hooks_fn if hooks_fn is not None else hooks,
-                                     controller, geometry, controller_batch=latents.shape[0] * (2 if cfg_on else 1),
+                                     controller, geometry, branches=2 if cfg_on else 1, lead=1,
                                      on_step=on_step)[0]
