@@ -1,5 +1,7 @@
 """UVR localization in JAX against OpenCV / scipy.ndimage reference computations on random maps."""
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -115,3 +117,19 @@ def test_resize_mask_nearest():
     out = np.asarray(loc.resize_mask(jnp.asarray(m), 8, 12))
     np.testing.assert_array_equal(out, cv2.resize(m[0].astype(np.uint8), (12, 8), interpolation=cv2.INTER_NEAREST)
                                   .astype(bool)[None])
+
+
+def test_presence_gate_empties_only_the_images_below_it():
+    """An image whose highest score is under `presence` gets no mask; the others get exactly the ungated one."""
+    rng = np.random.default_rng(3)
+    scores = rng.random((3, 8, 8)).astype(np.float32)
+    scores[0, 2:4, 2:4] += 2.0  # max ~3
+    scores[1, 5:7, 1:3] += 1.0  # max ~2
+    scores[2, 0:2, 5:7] += 2.5  # max ~3.5
+    cfg = loc.LocalizeConfig(threshold=0.9, min_area=2, ring_size=3, ring_iters=1)
+    ungated = loc.localize(jnp.asarray(scores), cfg)
+    gated = loc.localize(jnp.asarray(scores), dataclasses.replace(cfg, presence=2.5))
+    for u, g in zip(ungated, gated):
+        u, g = np.asarray(u), np.asarray(g)
+        assert u[1].any() and not g[1].any()
+        np.testing.assert_array_equal(g[[0, 2]], u[[0, 2]])

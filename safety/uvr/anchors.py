@@ -14,6 +14,11 @@ but never turns it into anchors (`key_tensor = None  # need to compute`). jaxdit
 3. per head, the selected vectors (over images and steps) are reduced to K anchors by k-means
    (deterministic k-means++-free init: evenly spaced samples), giving a bank [H, K, D].
 
+`discriminant_anchors` is the alternative to step 3 that uses the other patches too: one anchor per head,
+together Fisher's linear discriminant between the concept's patches and the rest, so the same score
+(`localize.score_patches`, a mean of dot products: linear in the attention output) ranks patches by how far
+they sit on the concept's side of the other objects rather than by their overlap with the concept's mean.
+
 Banks are safetensors files (`anchors` [H, K, D] + JSON metadata: concept, model, position, steps).
 """
 
@@ -126,6 +131,31 @@ def collect_vectors(run, chunks, labeller, position: str, window, n_gen: int, ke
 def anchors_from_vectors(vectors: np.ndarray, num_anchors: int) -> np.ndarray:
     """A bank [H, K, D]: per head, k-means of the vectors [N, H, D]."""
     return np.stack([kmeans(vectors[:, h], num_anchors) for h in range(vectors.shape[1])])
+
+
+def discriminant_anchors(vectors: np.ndarray, labels: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """A bank [H, 1, D] from every patch's per-head vectors [N, H, D] and whether it shows the concept [N].
+
+    w = (S + ridge * tr(S) / HD * I)^-1 (mu_concept - mu_rest), S the pooled within-class covariance of the
+    flattened vectors (float64), scaled so that `localize.score_patches` gives the two class means scores
+    one apart; the threshold is then chosen on the same patches, as for a k-means bank.
+    """
+    x = np.asarray(vectors, np.float64)
+    y = np.asarray(labels, bool).reshape(-1)
+    if x.ndim != 3 or len(x) != len(y):
+        raise ValueError(f"discriminant_anchors: vectors {x.shape} and labels {y.shape}: expected [N, H, D] and [N]")
+    if y.sum() < 2 or (~y).sum() < 2:
+        raise ValueError(f"discriminant_anchors: {int(y.sum())} concept and {int((~y).sum())} other patches; "
+                         "need at least 2 of each")
+    n, h, d = x.shape
+    flat = x.reshape(n, h * d)
+    mu1, mu0 = flat[y].mean(0), flat[~y].mean(0)
+    centred = np.concatenate([flat[y] - mu1, flat[~y] - mu0])
+    cov = centred.T @ centred / n
+    cov += ridge * np.trace(cov) / (h * d) * np.eye(h * d)
+    w = np.linalg.solve(cov, mu1 - mu0)
+    w *= h * np.sqrt(d) / (w @ (mu1 - mu0))  # score_patches divides by H sqrt(D)
+    return w.reshape(h, 1, d).astype(np.float32)
 
 
 def collect(pipe, prompts: list[str], concept: str, *, position: str = "single.10.img.attn_heads",

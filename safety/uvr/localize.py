@@ -48,6 +48,10 @@ class LocalizeConfig:
     # `mask_soft > 0`); False: the kept components themselves
     soft_core: bool = False
     blur_sigma: float = 0.9  # the reference's GaussianBlur sigma (only its kernel size matters for the core)
+    # An image-level gate (jaxdit; None: off, as in the reference): an image whose highest patch score is
+    # below `presence` gets no mask, so a bank whose patch threshold is tuned for the concept's outline
+    # does not restrict images that do not show the concept at all.
+    presence: float | None = None
 
     def __post_init__(self):
         if self.keep_mode not in ("mass_ratio", "topk_mass"):
@@ -205,10 +209,13 @@ def _per_component(labels: jax.Array, values: jax.Array) -> jax.Array:
 
 
 def localize(scores: jax.Array, config: LocalizeConfig = T2I) -> tuple[jax.Array, jax.Array]:
-    """Scores [B, H, W] -> (core, ring) boolean masks [B, H, W]. Empty where nothing passes the threshold."""
+    """Scores [B, H, W] -> (core, ring) boolean masks [B, H, W]. Empty where nothing passes the threshold
+    (or, with `config.presence`, where no patch reaches it)."""
     scores = scores.astype(jnp.float32)
     b, h, w = scores.shape
     pre = scores > config.threshold
+    if config.presence is not None:
+        pre = pre & (scores.reshape(b, -1).max(-1) >= config.presence)[:, None, None]
     logits = jnp.where(pre, scores, -jnp.inf).reshape(b, -1)
     any_pre = jnp.any(pre.reshape(b, -1), axis=-1, keepdims=True)
     mass = jnp.where(any_pre, jax.nn.softmax(jnp.where(any_pre, logits, 0.0), axis=-1), 0.0).reshape(b, h, w)
