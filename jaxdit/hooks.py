@@ -233,6 +233,23 @@ class Controller(Protocol):
     def update(self, state: Any, captures: dict, step: jax.Array, t: jax.Array, geometry: Geometry) -> Any: ...
 
 
+@struct.dataclass
+class ControllerGroup:
+    """Several controllers in one sampling run (a `Controller`): their states side by side, their hooks
+    merged in order, each updated from the same captures."""
+
+    controllers: tuple
+
+    def init(self, batch: int, geometry: Geometry) -> tuple:
+        return tuple(c.init(batch, geometry) for c in self.controllers)
+
+    def hooks(self, state, step, t, geometry: Geometry) -> "Hooks":
+        return merge(*(c.hooks(s, step, t, geometry) for c, s in zip(self.controllers, state)))
+
+    def update(self, state, captures: dict, step, t, geometry: Geometry) -> tuple:
+        return tuple(c.update(s, captures, step, t, geometry) for c, s in zip(self.controllers, state))
+
+
 # --- runtime used inside model blocks -----------------------------------------------------------
 
 def combine_masks(masks: Iterable[tuple[AttentionMask, jax.Array]]):

@@ -119,3 +119,35 @@ def test_controller_state_is_one_per_image_from_the_lead_branch(branches, lead):
     seen = np.asarray(state["seen"])[:, 0]
     expected = np.tile(np.arange(lead * b, (lead + 1) * b) * 3.0, branches)  # the last of 3 steps
     np.testing.assert_array_equal(seen, expected)
+
+
+def test_a_controller_group_runs_each_controller_on_the_same_captures():
+    """hooks.ControllerGroup: states side by side, captures united, each state what that controller alone
+    would have reached, also across guidance branches."""
+    from jaxdit import hooks as hk
+
+    class Scaled(_RowController):
+        def __init__(self, k, name):
+            self.k, self.name = k, name
+
+        def hooks(self, state, step, t, geometry):
+            return hk.Hooks(capture=(self.name,))
+
+        def update(self, state, captures, step, t, geometry):
+            return {"seen": captures["rows"] * self.k}
+
+    rows = jnp.arange(4, dtype=jnp.float32)
+    seen_hooks = []
+
+    def velocity(x, t, i, step_hooks, aux):
+        seen_hooks.append(step_hooks.capture)
+        return jnp.zeros_like(x), {"rows": jnp.tile((rows * (i + 1))[:, None], (1, 3))}, aux
+
+    sigmas, timesteps = jnp.linspace(1.0, 0.0, 4), jnp.linspace(1000.0, 250.0, 3)
+    run = lambda ctl: sampling.controlled_euler(velocity, jnp.zeros((2, 5, 4)), sigmas, timesteps,  # noqa: E731
+                                                controller=ctl, branches=2, lead=1)[1]
+    group = hk.ControllerGroup((Scaled(1.0, "a.0.img.resid_pre"), Scaled(-2.0, "b.0.img.resid_pre")))
+    both = run(group)
+    assert set(seen_hooks[-1]) == {"a.0.img.resid_pre", "b.0.img.resid_pre"}
+    for alone, state in zip(group.controllers, both):
+        np.testing.assert_array_equal(np.asarray(state["seen"]), np.asarray(run(alone)["seen"]))
