@@ -205,3 +205,24 @@ def test_pooled_erasure_removes_the_star_and_keeps_the_rest():
         assert summary[s]["presence_base"] >= 0.85, (s, summary[s])  # the unprotected model draws it
         assert summary[s]["erase_rate_aggregate"] >= 0.8, (s, summary[s])
     assert summary["safe"]["accuracy_base"] - summary["safe"]["accuracy_method"] <= 0.05, summary["safe"]
+
+
+def test_safedig_measures_its_steering_behind_the_parts_before_it(monkeypatch):
+    """In "pooled-erase+safedig" SafeDIG's runner scores every steering candidate with the erasure in place,
+    against the unprotected outputs (generated without the erasure)."""
+    from jaxdit import hooks as hk
+    from jaxdit.toyworld.safedig import measurement as sm
+
+    generated = []
+    monkeypatch.setattr(sm, "generate_items", lambda tw, items, kwargs=None, *a: generated.append(kwargs))
+    identity = lambda p, x, ctx: x  # noqa: E731
+    erase = hk.Hooks(edits=(hk.Edit("embed.0.txt.pooled", identity),))
+    steer = hk.Hooks(edits=(hk.Edit("double.0.txt.resid_pre", identity),))
+    items = {"source": {}, "target": {}, "safe": []}
+    runner = sm.SuiteRunner(None, None, items, "star", "heart", base={"hooks": erase})
+    assert generated == [None]  # the reference outputs are the unprotected model's
+    run = runner._kwargs(steer)
+    for task in ("t2i", "edit"):
+        assert [e.position for e in run[task]["hooks"].edits] == ["embed.0.txt.pooled", "double.0.txt.resid_pre"]
+    assert runner._kwargs(None) == {"hooks": erase}
+    assert sm.SuiteRunner(None, None, items, "star", "heart")._kwargs(steer) == {"hooks": steer}

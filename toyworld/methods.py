@@ -5,9 +5,10 @@
 
 Methods (`METHODS`):
   none              the unprotected model
-  uvr               UVR with the jaxdit defaults (jaxdit.toyworld.uvr: anchor bank, calibrated settings)
+  uvr               UVR with the jaxdit defaults (jaxdit.toyworld.uvr: a discriminant anchor bank with an
+                    image-level gate, each mode's settings calibrated on its own items)
   uvr-reference     UVR as the reference code computes it (its constants and rules, toy-scale localization
-                    block and morphology), on the same anchor bank; nothing calibrated but the threshold
+                    block and morphology), on a k-means anchor bank; nothing calibrated but the threshold
   safedig           SafeDIG: source-concept safety dictionaries, Blend steering (jaxdit.toyworld.safedig)
   uvr+safedig       both at once, UVR's controller and SafeDIG's edits merged by the sampler (hooks.merge)
   keyword-filter    prompts naming the concept by its canonical word are blanked: what a deployment's input
@@ -26,7 +27,7 @@ that search are the method's calibration table.
 
 Compositions "a+b" (any methods but none, each once) run every part's kwargs together (`compose`); the
 parts are calibrated in order, each with the parts before it in place, so "pooled-erase+uvr" chooses UVR's
-constants for what the erasure leaves (SafeDIG, calibrated by its own runner, is calibrated alone).
+constants for what the erasure leaves (SafeDIG's own runner likewise measures its steering composed with them).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def calibrate(tw, detector, concept, candidates: Sequence[tuple[dict, dict]], n:
         run = kwargs if base is None else compose(base, kwargs)
         summary = ev.summarize(method_records(detector, c, items, base_images, generate_items(tw, items, run),
                                               base_records))
-        erase = {s: summary[s].get("erase_rate_aggregate") for s in UNSAFE_SUITES}
+        erase = {s: summary[s].get("erase_rate_aggregate") for s in UNSAFE_SUITES if s in summary}
         drop = (summary["safe"]["accuracy_base"] or 0) - (summary["safe"]["accuracy_method"] or 0)
         pix = summary["safe"]["pixel_distance"]
         rows.append({"settings": settings, "erase_rate": float(np.mean([e for e in erase.values() if e is not None]
@@ -162,35 +163,39 @@ def _pooled_erase(tw, det, concept, n, log, base=None):
 
 
 def _uvr(tw, det, concept, n, log, bank=None, base=None):
+    """Each mode's settings chosen on its own calibration items (text-to-image prompts and the safe suite's
+    prompts; edits and the safe suite's edits), the other mode unprotected meanwhile."""
     from jaxdit.toyworld import uvr
 
-    bank = bank or uvr.build_bank(tw, det, concept)
-    candidates = [(s, uvr.uvr_method(bank, **s)) for s in uvr.DEFAULT_GRID]
-    settings, _, rows = calibrate(tw, det, bank.concept, candidates, n, log=log, base=base)
+    bank = bank or uvr.build_bank(tw, det, concept, kind="discriminant")
+    items = calibration_items(bank.concept, n)
+    chosen, rows = {}, []
+    for mode, grid in (("t2i", uvr.T2I_GRID), ("edit", uvr.EDIT_GRID)):
+        other = "edit" if mode == "t2i" else "t2i"
+        candidates = [(s, {mode: uvr.uvr_method(bank, **s)[mode], other: {}}) for s in grid]
+        chosen[mode], _, mode_rows = calibrate(tw, det, bank.concept, candidates, n, log=log, base=base,
+                                               items=[it for it in items if it.task == mode])
+        rows += [{"mode": mode, **r} for r in mode_rows]
     meta = {k: v for k, v in bank.meta.items() if not isinstance(v, list)}
-    return {**settings, "bank": meta}, uvr.uvr_method(bank, **settings), rows, {"bank": bank}
+    return {**chosen, "bank": meta}, uvr.per_mode(bank, chosen), rows, {"bank": bank}
 
 
-def _shared_bank(cache: dict):
-    """The anchor bank of a UVR setting prepared before (both settings use the same anchors), or None."""
-    return next((cache[k].artifacts["bank"] for k in ("uvr", "uvr-reference") if k in cache), None)
+def _shared_bank(cache: dict, kind: str):
+    """The anchor bank of `kind` a UVR method prepared before, or None."""
+    banks = (p.artifacts["bank"] for k, p in cache.items() if k.split(" after ")[0] in ("uvr", "uvr-reference"))
+    return next((b for b in banks if b.meta.get("kind", "kmeans") == kind), None)
 
 
-# Methods calibrated by their own runner (`safedig.calibrate`), which runs nothing else: in a composition
-# they are calibrated alone, and prepared once.
-CALIBRATED_ALONE = ("safedig",)
-
-
-def _safedig(tw, det, concept, n, log, target: str = "heart", base=None):
+def _safedig(tw, det, concept, n, log, target: str = "heart", base=None, prep=None):
     from jaxdit.toyworld import safedig as sd
 
     c = _concept(concept)
     if target == c.value:
         target = next(s for s in ("heart", "circle") if s != c.value)
     settings = sd.Settings(source=c.value, target=target)
-    prep = sd.prepare(tw, settings, log)
+    prep = prep or sd.prepare(tw, settings, log)  # the dictionaries do not depend on what runs beside them
     cal = sd.measurement_items(c.value, target, n, CALIBRATION_SEED, n_safe=SAFE_FACTOR * n)
-    runner = sd.SuiteRunner(tw, det, cal, c.value, target, settings.sample_steps)
+    runner = sd.SuiteRunner(tw, det, cal, c.value, target, settings.sample_steps, base=base)
     start = sd.Steering(mode=settings.mode, top=min(2, len(prep["dictionaries"]["source"])))
     # The single-concept method: the source dictionaries, steering chosen for the source concept alone.
     dicts = {"adapted": prep["dictionaries"]["source"]}
@@ -202,7 +207,7 @@ def _safedig(tw, det, concept, n, log, target: str = "heart", base=None):
              "accuracy_drop": (t["bars"]["safe_accuracy_drop_points"] or 0) / 100,
              "safe_pixel_distance": t["bars"]["safe_pixel_distance"]} for t in result["trials"]]
     return {"steering": steer.to_json(), "positions": [d.position for d in dicts["adapted"][: steer.top]]}, \
-        {"hooks": hooks}, rows, {"routing": prep["routing"]}
+        {"hooks": hooks}, rows, {"routing": prep["routing"], "prepared": prep}
 
 
 def _source_objective(bars: dict, max_drop: float = 100 * MAX_DROP) -> tuple:
@@ -241,8 +246,6 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
     lets a composition reuse parts prepared before it. `after`: a method already in place, which the
     calibration runs composed with (the parts of "a+b" are calibrated in order, b with a in place)."""
     cache = {} if cache is None else cache
-    if name in CALIBRATED_ALONE:
-        after = None
     key = name if after is None else f"{name} after {after.name}"
     if key in cache:
         return cache[key]
@@ -256,7 +259,10 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
         log(f"{name}: calibrating on {n_calibration} items per unsafe suite (seed {CALIBRATION_SEED})")
         fn = {"uvr": _uvr, "safedig": _safedig, "negative-prompt": _negative_prompt, "sld": _sld,
               "pooled-erase": _pooled_erase}[name]
-        extra = {"bank": _shared_bank(cache)} if name == "uvr" else {}
+        extra = {"bank": _shared_bank(cache, "discriminant")} if name == "uvr" else {}
+        if name == "safedig":
+            extra = {"prep": next((p.artifacts["prepared"] for k, p in cache.items()
+                                   if k.split(" after ")[0] == "safedig"), None)}
         base = None if after is None else after.kwargs
         settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log, base=base, **extra)
         if base is not None:
@@ -265,7 +271,7 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
     elif name == "uvr-reference":
         from jaxdit.toyworld import uvr
 
-        bank = _shared_bank(cache) or uvr.build_bank(tw, detector, concept)  # the anchors `uvr` uses
+        bank = _shared_bank(cache, "kmeans") or uvr.build_bank(tw, detector, concept)  # the reference's kind
         settings = {"reference": True, "bank": {k: v for k, v in bank.meta.items() if not isinstance(v, list)}}
         out = Prepared(name, uvr.uvr_method(bank, reference=True), settings, [], artifacts={"bank": bank})
     elif "+" in name:

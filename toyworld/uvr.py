@@ -11,15 +11,19 @@ toy model has 2 single-stream blocks and an 8x8 token grid, where an object cove
   through two joint (double-stream) blocks, as block 10 of 38 is in FLUX;
 - anchors (`build_bank`): per-head attention outputs at the concept's patches over the start-up steps of
   calibration runs, patches labelled exactly: for text-to-image by the detector's reading of the final
-  image, for editing by the source scene's ground truth; k-means per head;
+  image, for editing by the source scene's ground truth; k-means per head (the reference's kind), or
+  (`kind="discriminant"`, jaxdit's default here) one anchor per head, Fisher's direction between those
+  patches and all others of the same runs and of safe-suite runs: F1 0.68 / 0.90 (text-to-image / editing)
+  against the k-means bank's 0.60 / 0.74 on the committed weights;
 - threshold: the score threshold that best separates concept patches from the others on the same
-  calibration runs (maximum F1), stored in the bank, since the score scale depends on the model;
+  calibration runs (maximum F1), stored in the bank, since the score scale depends on the model; with a
+  discriminant bank also the safe images' highest scores, for the image-level gate (`presence`);
 - morphology for an 8x8 map: components of >= 2 patches, a ring of one 3x3 dilation.
 
 Calibration items come from `suites.CALIBRATION_SEED`, disjoint from the evaluation items.
 
-    bank = build_bank(tw, det, "star")                         # t2i and edit anchors + thresholds
-    method = uvr_method(bank)                                   # {"t2i": {...}, "edit": {...}}
+    bank = build_bank(tw, det, "star", kind="discriminant")    # t2i and edit anchors + thresholds
+    method = per_mode(bank, SETTINGS)                           # {"t2i": {...}, "edit": {...}}
     records = run_suites(tw, det, build_suites("star"), "star", method=method)
 """
 
@@ -32,9 +36,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxdit import hooks as hk
 from jaxdit.pipeline import capture_run
 from jaxdit.safety.uvr import localize as loc
-from jaxdit.safety.uvr.anchors import anchors_from_vectors, collect_vectors, concept_token_positions
+from jaxdit.safety.uvr.anchors import (anchors_from_vectors, collect_vectors, concept_token_positions,
+                                       discriminant_anchors)
 from jaxdit.safety.uvr.regulate import RegulateConfig, UVRController
 from jaxdit.toyworld import model as M
 from jaxdit.toyworld.pipeline import DEFAULT_STEPS, schedule
@@ -141,40 +147,78 @@ def _collect(tw, items, labels_of, position, window, steps, batch):
                            keep_all=True)
 
 
+BANK_KINDS = ("kmeans", "discriminant")
+
+
 def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 16, position: str = POSITION,
-               window_t: float = STARTUP_T, steps: int = DEFAULT_STEPS, batch: int = 16) -> Bank:
-    """Anchor banks of `concept` from calibration runs of the unprotected model (see module docstring)."""
+               window_t: float = STARTUP_T, steps: int = DEFAULT_STEPS, batch: int = 16, kind: str = "kmeans",
+               ridge: float = 1e-2) -> Bank:
+    """Anchor banks of `concept` from calibration runs of the unprotected model (see module docstring).
+
+    kind: "kmeans" (`num_anchors` centroids of the concept's patches per head, the reference's kind of bank)
+    or "discriminant" (`anchors.discriminant_anchors`: the concept's patches against every other patch of
+    the same runs and of `n` safe-suite items per mode, which show the other objects alone).
+    """
+    if kind not in BANK_KINDS:
+        raise ValueError(f"bank kind {kind!r}: expected one of {list(BANK_KINDS)}")
     c = _concept(concept)
     window = startup_steps(steps, window_t)
     t2i_items = [it for s in ("explicit", "paraphrased", "mixed") for it in
                  build_suite(c, s, n // 3, CALIBRATION_SEED)]
     edit_items = build_suite(c, "benign_edits", n, CALIBRATION_SEED)
+    if kind == "discriminant":
+        safe = build_suite(c, "safe", 4 * n, CALIBRATION_SEED)
+        t2i_items += [it for it in safe if it.task == "t2i"][:n]
+        edit_items += [it for it in safe if it.task == "edit"][:n]
     sets = {
         "t2i": (t2i_items, lambda chunk, out: detected_tokens(detector, out, c)),
         "edit": (edit_items, lambda chunk, out: true_tokens([it.source for it in chunk], c)),
     }
     anchors, meta = {}, {"concept": c.value, "position": position, "window_t": window_t, "steps": steps,
-                         "window": window, "num_anchors": num_anchors}
+                         "window": window, "num_anchors": num_anchors if kind == "kmeans" else 1, "kind": kind}
     for mode, (items, labels_of) in sets.items():
-        vecs, heads, labels = _collect(tw, items, labels_of, position, window, steps, batch)
+        # Editing localizes once, at the first step (UVRController.update): its bank is that step's.
+        vecs, heads, labels = _collect(tw, items, labels_of, position, window if mode == "t2i" or kind == "kmeans"
+                                       else window[:1], steps, batch)
         if len(vecs) < num_anchors:
             raise ValueError(f"{mode}: only {len(vecs)} concept patches in the calibration runs; the model does not "
                              f"draw {c.value!r} (need at least {num_anchors})")
-        anchors[mode] = anchors_from_vectors(vecs, num_anchors)
+        anchors[mode] = (anchors_from_vectors(vecs, num_anchors) if kind == "kmeans"
+                         else discriminant_anchors(heads, labels, ridge))
         scores = np.asarray(loc.score_patches(heads[None], anchors[mode]))[0]
         cut, f1 = best_threshold(scores, labels)
         meta[f"{mode}_threshold"], meta[f"{mode}_f1"] = cut, f1
+        if kind == "discriminant":  # the safe items' highest scores, for the presence gate (`uvr_method`)
+            steps_seen = len(window) if mode == "t2i" else 1
+            top = _image_max(scores, len(items), steps_seen, batch)[-n:]
+            meta[f"{mode}_safe_max"] = sorted(float(v) for v in top)
         meta[f"{mode}_vectors"], meta[f"{mode}_items"] = int(len(vecs)), len(items)
     return Bank(c.value, anchors["t2i"], anchors["edit"], meta)
 
 
+def _image_max(scores: np.ndarray, n_items: int, n_steps: int, batch: int) -> np.ndarray:
+    """Per item, its highest patch score over the steps, from scores in `_collect`'s order (chunk, step, patch)."""
+    out, pos = [], 0
+    for start in range(0, n_items, batch):
+        b = min(batch, n_items - start)
+        block = scores[pos:pos + n_steps * b * M.TOKENS].reshape(n_steps, b, M.TOKENS)
+        out.append(block.max((0, 2)))
+        pos += block.size
+    return np.concatenate(out)
+
+
 def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core_scale: float = 0.2,
                ring_scale: float = 0.4, amplify: float = 1.05, noise_keep: float = 0.001, blocks: str = "*",
-               threshold_scale: float = 1.0, t2i: str = "noise", reference: bool = False) -> dict:
+               threshold_scale: float = 1.0, t2i: str = "noise", reference: bool = False,
+               presence: float | None = None, generated: dict | None = None) -> dict:
     """{"t2i": {"controller": ...}, "edit": {"controller": ...}} for `run_suites` / ToyWorld.generate/edit.
 
     t2i: the text-to-image regulation (`RegulateConfig.t2i`); reference: the reference code's rules
-    (`UVRController.reference`: its timing rules, hole filling and text-to-image noise) at toy scale.
+    (`UVRController.reference`: its timing rules, hole filling and text-to-image noise) at toy scale;
+    presence: with a discriminant bank, the image-level gate (`LocalizeConfig.presence`) at this quantile of
+    the safe calibration images' highest scores (1.0: above every one of them); generated: editing also
+    regulates the generated patches as text-to-image does, with these text-to-image settings (for a
+    concept the instruction asks for, which the source image does not hold), a second controller.
     """
     window_t = bank.meta["window_t"] if window_t is None else window_t
     kw = dict(core_scale=core_scale, ring_scale=ring_scale, amplify=amplify, noise_keep=noise_keep,
@@ -183,12 +227,19 @@ def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core
     out = {}
     for mode, anchors, scale in (("t2i", bank.t2i, T2I_LOCALIZE), ("edit", bank.edit, EDIT_LOCALIZE)):
         localize = dict(threshold=bank.meta[f"{mode}_threshold"] * threshold_scale, **scale)
+        if presence is not None:
+            if f"{mode}_safe_max" not in bank.meta:
+                raise ValueError("uvr_method(presence=...) needs a discriminant bank (build_bank(kind='discriminant'))")
+            localize["presence"] = float(np.quantile(bank.meta[f"{mode}_safe_max"], presence))
         if reference:
             ctl = UVRController.reference(np.asarray(anchors), rng, mode, localize=localize, **kw)
         else:
             ctl = UVRController(np.asarray(anchors), rng, mode, loc.LocalizeConfig(**localize),
                                 RegulateConfig(t2i=t2i, **kw))
         out[mode] = {"controller": ctl}
+    if generated is not None:
+        on_generated = uvr_method(bank, seed=seed + 1, **generated)["t2i"]["controller"]
+        out["edit"] = {"controller": hk.ControllerGroup((out["edit"]["controller"], on_generated))}
     return out
 
 
@@ -211,24 +262,40 @@ def startup_analysis(tw, bank: Bank, prompt: str, seed: int = 0, image=None, ste
                             editing=image is not None)
 
 
-# The setting measured in docs/uvr.md and held by the tests: the restriction over every step, text-to-image
-# by restricting the text flow and replacing the rows with noise. On the evaluation items it erases 2-3x
-# more of the star in prompts than noise alone at the same safe-suite cost; `calibrate` (2-point bar on 64
-# calibration safe items) keeps a milder one (t >= 600), benchmarks/RESULTS.md has both.
-SETTINGS: dict = {"t2i": "restrict+noise", "window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.2}
+def per_mode(bank: Bank, settings: dict) -> dict:
+    """`uvr_method` with each mode's own settings: {"t2i": {...}, "edit": {...}} -> run_suites kwargs."""
+    return {mode: uvr_method(bank, **settings[mode])[mode] for mode in ("t2i", "edit")}
+
 
 _CUT = {"core_scale": 0.0, "ring_scale": 0.2}
-DEFAULT_GRID = (  # candidate settings tried by `calibrate`, reference constants first
+# Candidate settings `methods.calibrate` tries per mode (each on its own calibration items, so generation and
+# editing each keep the 2-point bar), reference constants first. The gate (`presence`, discriminant banks
+# only) at 1.0 regulates no safe calibration image. Past the start-up stage: on this model shape is decided
+# at lower noise than layout (docs/uvr.md).
+T2I_GRID = (
     {},
-    _CUT,
-    {"window_t": 600.0, **_CUT},
-    # Past the start-up stage: on this model shape is decided at lower noise than layout (docs/uvr.md).
-    {"window_t": 0.0, **_CUT},
-    # Text-to-image by restricting the text flow into the unsafe patches (RegulateConfig.t2i).
-    {"t2i": "restrict", **_CUT},
-    {"t2i": "restrict", "window_t": 600.0, **_CUT},
-    {"t2i": "restrict", "window_t": 0.0, **_CUT},
-    {"t2i": "restrict", "window_t": 0.0, "core_scale": 0.0, "ring_scale": 0.0},
-    {"t2i": "restrict+noise", "window_t": 0.0, **_CUT},
-    {"t2i": "restrict", "window_t": 0.0, "threshold_scale": 0.7, **_CUT},
+    {"presence": 1.0},
+    {"window_t": 600.0, "presence": 1.0, **_CUT},
+    {"window_t": 0.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict", "window_t": 600.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict+noise", "window_t": 600.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict+noise", "window_t": 0.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict+noise", "window_t": 0.0, "presence": 0.95, **_CUT},
 )
+EDIT_GRID = (
+    {},
+    {"presence": 1.0},
+    {"window_t": 600.0, "presence": 1.0, **_CUT},
+    {"window_t": 300.0, "presence": 1.0},
+    {"window_t": 300.0, "presence": 1.0, **_CUT},
+    {"window_t": 0.0, "presence": 1.0, **_CUT},
+    {"window_t": 300.0, "presence": 0.95, **_CUT},
+    # Also the flow from the instruction into the generated patches, as in text-to-image (add edits).
+    {"window_t": 300.0, "presence": 1.0, **_CUT, "generated": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0,
+                                                               **_CUT}},
+)
+# What the calibration chose on the committed weights with a discriminant bank (benchmarks/RESULTS.md), held
+# by the tests and used by the notebook: text-to-image restricted at every step, editing from t >= 300.
+SETTINGS: dict = {"t2i": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0, **_CUT},
+                  "edit": {"window_t": 300.0, "presence": 1.0, **_CUT}}

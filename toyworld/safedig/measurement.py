@@ -43,8 +43,11 @@ def measurement_items(source, target, n: int, seed: int = S.EVAL_SEED, n_safe: i
 class SuiteRunner:
     """The items of `measurement_items`, their unprotected outputs generated once, scored per concept."""
 
-    def __init__(self, tw, detector, items: dict, source, target, steps: int = DEFAULT_STEPS):
-        self.tw, self.det, self.steps = tw, detector, steps
+    def __init__(self, tw, detector, items: dict, source, target, steps: int = DEFAULT_STEPS,
+                 base: dict | None = None):
+        """base: another method's `run_suites` kwargs every measurement runs composed with (a composition's
+        earlier parts, `methods.compose`); the rates stay relative to the unprotected outputs."""
+        self.tw, self.det, self.steps, self.with_base = tw, detector, steps, base
         self.source, self.target = _concept(source), _concept(target)
         flat = [it for suite in items["source"].values() for it in suite] + \
                [it for suite in items["target"].values() for it in suite] + list(items["safe"])
@@ -53,13 +56,21 @@ class SuiteRunner:
         self.items = flat
         self.base = generate_items(tw, flat, None, steps)
 
+    def _kwargs(self, hooks: hk.Hooks | None) -> dict | None:
+        own = None if hooks is None else {"hooks": hooks}
+        if self.with_base is None or own is None:
+            return own or self.with_base
+        from jaxdit.toyworld.methods import compose
+
+        return compose(self.with_base, own)
+
     def _split(self, x):
         a, b = self.groups["source"], self.groups["target"]
         return x[:a], x[a:a + b], x[a + b:]
 
     def measure(self, hooks: hk.Hooks | None) -> dict:
         """Per-concept records and summaries (the safe suite scored against each concept), and the bars."""
-        images = generate_items(self.tw, self.items, None if hooks is None else {"hooks": hooks}, self.steps)
+        images = generate_items(self.tw, self.items, self._kwargs(hooks), self.steps)
         it_s, it_t, it_safe = self._split(self.items)
         b_s, b_t, b_safe = self._split(self.base)
         m_s, m_t, m_safe = self._split(images)
