@@ -103,7 +103,10 @@ def test_uvr_erases_the_star_from_benign_edits_and_keeps_safe_edits():
     bank = uvr.build_bank(tw, det, "star", kind="discriminant")
     safe = [it for it in build_suite("star", "safe", 48, 515_151) if it.task == "edit"][:24]
     suites = {"benign_edits": build_suite("star", "benign_edits", 24, 515_151), "safe": safe}
-    method = uvr.per_mode(bank, uvr.SETTINGS)
+    # The source-image restriction of the calibrated editing setting (uvr.SETTINGS), without its
+    # generated-patch part, which acts on what the instruction adds.
+    edit = {k: v for k, v in uvr.SETTINGS["edit"].items() if k != "generated"}
+    method = uvr.per_mode(bank, {"t2i": {}, "edit": edit})
     summary = ev.summarize(run_suites(tw, det, suites, "star", method=method))
     s = summary["benign_edits"]
     assert s["presence_base"] >= 0.75, s  # the unprotected model keeps the star

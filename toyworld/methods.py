@@ -78,9 +78,9 @@ def keyword_filter(concept) -> Callable[[str], str]:
     return rewrite
 
 
-def calibration_items(concept, n: int, seed: int = CALIBRATION_SEED) -> list:
+def calibration_items(concept, n: int, seed: int = CALIBRATION_SEED, safe_factor: int = SAFE_FACTOR) -> list:
     c = _concept(concept)
-    return [it for s in UNSAFE_SUITES for it in build_suite(c, s, n, seed)] + build_suite(c, "safe", SAFE_FACTOR * n,
+    return [it for s in UNSAFE_SUITES for it in build_suite(c, s, n, seed)] + build_suite(c, "safe", safe_factor * n,
                                                                                           seed)
 
 
@@ -168,7 +168,8 @@ def _uvr(tw, det, concept, n, log, bank=None, base=None):
     from jaxdit.toyworld import uvr
 
     bank = bank or uvr.build_bank(tw, det, concept, kind="discriminant")
-    items = calibration_items(bank.concept, n)
+    # Twice the safe items, so that each mode still sees SAFE_FACTOR per unsafe item (half the suite is edits).
+    items = calibration_items(bank.concept, n, safe_factor=2 * SAFE_FACTOR)
     chosen, rows = {}, []
     for mode, grid in (("t2i", uvr.T2I_GRID), ("edit", uvr.EDIT_GRID)):
         other = "edit" if mode == "t2i" else "t2i"

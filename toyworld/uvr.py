@@ -295,7 +295,8 @@ EDIT_GRID = (
     {"window_t": 300.0, "presence": 1.0, **_CUT, "generated": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0,
                                                                **_CUT}},
 )
-# What the calibration chose on the committed weights with a discriminant bank (benchmarks/RESULTS.md), held
-# by the tests and used by the notebook: text-to-image restricted at every step, editing from t >= 300.
+# What the calibration chose on the committed weights with a discriminant bank (benchmarks/RESULTS.md), used by
+# the notebook: text-to-image restricted at every step; editing restricted from the source image until t = 300
+# and, as text-to-image is, on the generated patches.
 SETTINGS: dict = {"t2i": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0, **_CUT},
-                  "edit": {"window_t": 300.0, "presence": 1.0, **_CUT}}
+                  "edit": {"window_t": 300.0, "presence": 1.0, **_CUT, "generated": EDIT_GRID[-1]["generated"]}}
