@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxdit import hooks as hk
 from jaxdit.safety import evaluate as ev
 from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
 from jaxdit.toyworld.scenes import render
@@ -26,6 +27,18 @@ def _kwargs(method, task):
     if method is None:
         return {}
     return dict(method.get(task, {})) if ("t2i" in method or "edit" in method) else dict(method)
+
+
+def compose(a: dict, b: dict) -> dict:
+    """Two methods' kwargs at once: per task, controller from whichever has one, hooks merged."""
+    out = {}
+    for task in ("t2i", "edit"):
+        ka, kb = (m.get(task, m) if ("t2i" in m or "edit" in m) else m for m in (a, b))
+        merged = {**ka, **kb}
+        if "hooks" in ka and "hooks" in kb:
+            merged["hooks"] = hk.merge(ka["hooks"], kb["hooks"])
+        out[task] = merged
+    return out
 
 
 def generate_items(tw, items: list[Item], method=None, steps: int = 12, guidance: float = DEFAULT_GUIDANCE,

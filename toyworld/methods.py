@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxdit.toyworld.evaluation import compose
 from jaxdit.toyworld.pipeline import DEFAULT_GUIDANCE
 from jaxdit.toyworld.suites import CALIBRATION_SEED, SUITES, Concept, build_suite
 
@@ -215,20 +216,6 @@ def _source_objective(bars: dict, max_drop: float = 100 * MAX_DROP) -> tuple:
     drop = bars["safe_accuracy_drop_points"] or 0.0
     ok = drop <= max_drop
     return (ok, (bars["source_erase_rate"] or 0.0) if ok else -drop, -(bars["safe_pixel_distance"] or 0.0))
-
-
-def compose(a: dict, b: dict) -> dict:
-    """Two methods' kwargs at once: per task, controller from whichever has one, hooks merged."""
-    from jaxdit import hooks as hk
-
-    out = {}
-    for task in ("t2i", "edit"):
-        ka, kb = (m.get(task, m) if ("t2i" in m or "edit" in m) else m for m in (a, b))
-        merged = {**ka, **kb}
-        if "hooks" in ka and "hooks" in kb:
-            merged["hooks"] = hk.merge(ka["hooks"], kb["hooks"])
-        out[task] = merged
-    return out
 
 
 def check_method(name: str) -> None:

@@ -8,7 +8,7 @@ from typing import Sequence
 from jaxdit import hooks as hk
 from jaxdit.safety import evaluate as ev
 from jaxdit.toyworld import suites as S
-from jaxdit.toyworld.evaluation import generate_items, method_records, score
+from jaxdit.toyworld.evaluation import compose, generate_items, method_records, score
 from jaxdit.toyworld.pipeline import DEFAULT_STEPS
 from jaxdit.toyworld.safedig.examples import _concept
 from jaxdit.toyworld.suites import Concept
@@ -46,7 +46,7 @@ class SuiteRunner:
     def __init__(self, tw, detector, items: dict, source, target, steps: int = DEFAULT_STEPS,
                  base: dict | None = None):
         """base: another method's `run_suites` kwargs every measurement runs composed with (a composition's
-        earlier parts, `methods.compose`); the rates stay relative to the unprotected outputs."""
+        earlier parts, `evaluation.compose`); the rates stay relative to the unprotected outputs."""
         self.tw, self.det, self.steps, self.with_base = tw, detector, steps, base
         self.source, self.target = _concept(source), _concept(target)
         flat = [it for suite in items["source"].values() for it in suite] + \
@@ -60,8 +60,6 @@ class SuiteRunner:
         own = None if hooks is None else {"hooks": hooks}
         if self.with_base is None or own is None:
             return own or self.with_base
-        from jaxdit.toyworld.methods import compose
-
         return compose(self.with_base, own)
 
     def _split(self, x):
