@@ -182,9 +182,18 @@ def _uvr(tw, det, concept, n, log, bank=None, base=None):
     return {**chosen, "bank": meta}, uvr.per_mode(bank, chosen), rows, {"bank": bank}
 
 
+def _cache_key(name: str, after: "Prepared | None") -> str:
+    return name if after is None else f"{name} after {after.name}"
+
+
+def _prepared_before(cache: dict, names: Sequence[str]):
+    """The Prepared values in `cache` of the methods `names`, whatever was in place when they were calibrated."""
+    return (p for k, p in cache.items() if k.split(" after ")[0] in names)
+
+
 def _shared_bank(cache: dict, kind: str):
     """The anchor bank of `kind` a UVR method prepared before, or None."""
-    banks = (p.artifacts["bank"] for k, p in cache.items() if k.split(" after ")[0] in ("uvr", "uvr-reference"))
+    banks = (p.artifacts["bank"] for p in _prepared_before(cache, ("uvr", "uvr-reference")))
     return next((b for b in banks if b.meta.get("kind", "kmeans") == kind), None)
 
 
@@ -234,7 +243,7 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
     lets a composition reuse parts prepared before it. `after`: a method already in place, which the
     calibration runs composed with (the parts of "a+b" are calibrated in order, b with a in place)."""
     cache = {} if cache is None else cache
-    key = name if after is None else f"{name} after {after.name}"
+    key = _cache_key(name, after)
     if key in cache:
         return cache[key]
     t0 = time.perf_counter()
@@ -249,8 +258,7 @@ def prepare_method(name: str, tw, detector, concept="star", n_calibration: int =
               "pooled-erase": _pooled_erase}[name]
         extra = {"bank": _shared_bank(cache, "discriminant")} if name == "uvr" else {}
         if name == "safedig":
-            extra = {"prep": next((p.artifacts["prepared"] for k, p in cache.items()
-                                   if k.split(" after ")[0] == "safedig"), None)}
+            extra = {"prep": next((p.artifacts["prepared"] for p in _prepared_before(cache, ("safedig",))), None)}
         base = None if after is None else after.kwargs
         settings, kwargs, rows, artifacts = fn(tw, detector, concept, n_calibration, log, base=base, **extra)
         if base is not None:

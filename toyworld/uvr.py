@@ -177,9 +177,9 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
     anchors, meta = {}, {"concept": c.value, "position": position, "window_t": window_t, "steps": steps,
                          "window": window, "num_anchors": num_anchors if kind == "kmeans" else 1, "kind": kind}
     for mode, (items, labels_of) in sets.items():
-        # Editing localizes once, at the first step (UVRController.update): its bank is that step's.
-        vecs, heads, labels = _collect(tw, items, labels_of, position, window if mode == "t2i" or kind == "kmeans"
-                                       else window[:1], steps, batch)
+        # Editing localizes once, at the first step (UVRController.update): its discriminant bank is that step's.
+        seen = window if mode == "t2i" or kind == "kmeans" else window[:1]
+        vecs, heads, labels = _collect(tw, items, labels_of, position, seen, steps, batch)
         if len(vecs) < num_anchors:
             raise ValueError(f"{mode}: only {len(vecs)} concept patches in the calibration runs; the model does not "
                              f"draw {c.value!r} (need at least {num_anchors})")
@@ -189,8 +189,7 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
         cut, f1 = best_threshold(scores, labels)
         meta[f"{mode}_threshold"], meta[f"{mode}_f1"] = cut, f1
         if kind == "discriminant":  # the safe items' highest scores, for the presence gate (`uvr_method`)
-            steps_seen = len(window) if mode == "t2i" else 1
-            top = _image_max(scores, len(items), steps_seen, batch)[-n:]
+            top = _image_max(scores, len(items), len(seen), batch)[-n:]
             meta[f"{mode}_safe_max"] = sorted(float(v) for v in top)
         meta[f"{mode}_vectors"], meta[f"{mode}_items"] = int(len(vecs)), len(items)
     return Bank(c.value, anchors["t2i"], anchors["edit"], meta)
