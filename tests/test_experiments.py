@@ -112,7 +112,7 @@ def test_training_files_are_the_hyper_of_the_committed_weights(monkeypatch):
                 assert (args.command, args.toyworld_command, args.detector) == ("toyworld", "train", False)
                 assert Path(args.export) == Path(name).parent  # it writes the weights it is the record of
     assert set(records) == {"toyworld/weights_base/training.json", "toyworld/weights_binding/training.json",
-                            "toyworld/weights/training.json"}
+                            "toyworld/weights/training.json", "toyworld/weights_attention/training.json"}
 
 
 def test_detector_file_is_its_record(monkeypatch):

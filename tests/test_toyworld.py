@@ -180,6 +180,39 @@ def test_pooled_off_keeps_the_pooled_projection_exactly_zero(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+def test_pooled_fade_scales_the_pooled_projection_to_zero_and_exports_it_zero(tmp_path):
+    """`train --pooled fade --fade-steps N --init-from DIR`: the model runs with the pooled-text kernel scaled
+    by 1 - step / N (the loss of the first step equals that of the unfaded weights), and the exported weights
+    hold it at exactly zero; without --init-from or with N outside (0, steps] it refuses before any work."""
+    import jax
+
+    from jaxdit.toyworld import model as M, train as T
+    from jaxdit.toyworld.data import training_batch
+    from jaxdit.toyworld.pipeline import ToyWorld
+
+    assert [float(T.pooled_scale(s, 4)) for s in (0, 1, 2, 4, 9)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    for bad in (dict(fade_steps=2), dict(fade_steps=0, init_from="toyworld/weights"),
+                dict(fade_steps=3, init_from="toyworld/weights")):
+        with pytest.raises(ValueError, match="--pooled fade needs --init-from"):
+            T.train(tmp_path / "bad", steps=2, pooled="fade", progress=False, **bad)
+    assert not (tmp_path / "bad").exists()
+    info = T.train(tmp_path / "r", seed=4, steps=2, t2i_batch=2, edit_batch=2, pooled="fade", fade_steps=2,
+                   init_from="toyworld/weights", export=str(tmp_path / "w"), progress=False)
+    assert info["hyper"]["fade_steps"] == 2 and "--pooled fade --fade-steps 2" in info["reproduce"]
+    kernel = ToyWorld.load(tmp_path / "w").params
+    for k in T.POOLED_KERNEL:
+        kernel = kernel[k]
+    assert kernel.size and not np.asarray(kernel).any()
+    start = ToyWorld.load()
+    cfg = M.ToyConfig(start.flux_config, start.t5_config)
+    batch = training_batch(4, 0, 2, 2, start.tokenizer)
+    key = jax.random.fold_in(jax.random.key(5), 0)
+    k1 = jax.random.split(key)[0]
+    t = batch["t2i"]
+    unfaded = T.flow_loss(start.params, cfg, t["image"], t["ids"], t["mask"], k1, weight=t["weight"])
+    assert info["first_steps"][0]["loss_t2i"] == pytest.approx(float(unfaded), rel=1e-5)
+
+
 def test_a_continued_phase_starts_from_the_given_weights_and_chains_the_records(tmp_path):
     """`train --init-from DIR --mix binding`: starts at DIR's weights (not a random initialisation), uses the
     other mix's batches, records DIR's training record as its base, and the curves chain in time and steps."""

@@ -69,17 +69,23 @@ def _phases(info: dict) -> list[dict]:
 
 def test_committed_weights_are_what_the_recorded_commands_produce(world):
     """Re-run the first training steps of every recorded phase (command, seed, data mix, starting weights):
-    the same losses, step by step."""
+    the same losses, step by step. The variant without the pooled input (`weights_attention`): its phases
+    start as the committed weights' do, and its phase 4 (the fade, from the committed weights) re-runs too;
+    its phase 5 starts from phase 4's export, which is not committed."""
     import jax
 
     from jaxdit.toyworld import train as T
     from jaxdit.toyworld.data import training_batch
+    from jaxdit.toyworld.pipeline import ToyWorld
 
     tw, _ = world
     cfg = M.ToyConfig(tw.flux_config, tw.t5_config)
     phases = _phases(tw.info)
     assert phases and phases[-1] is tw.info
-    for info in phases:
+    variant = _phases(ToyWorld.load(DEFAULT_DIR.parent / "weights_attention").info)
+    assert variant[:len(phases)] == phases and variant[len(phases)]["hyper"]["pooled"] == "fade"
+    assert variant[-1]["hyper"]["pooled"] == "off" and len(variant) == len(phases) + 2
+    for info in phases + [variant[len(phases)]]:
         hyper, first = info["hyper"], info["first_steps"]
         assert info["reproduce"].startswith(f"jaxdit toyworld train --run RUN --seed {hyper['seed']} "
                                             f"--steps {hyper['steps']}")
@@ -87,13 +93,13 @@ def test_committed_weights_are_what_the_recorded_commands_produce(world):
         pooled = hyper.get("pooled", "mean")
         params = T.initial_params(cfg, hyper["seed"], hyper.get("init_from"), pooled)
         state = {"params": params, "ema": params, "opt_state": opt.init(params)}
-        step_fn = T.make_step(cfg, opt, hyper["ema"], pooled)
+        step_fn = T.make_step(cfg, opt, hyper["ema"], pooled, hyper.get("fade_steps", 0))
         key = jax.random.key(hyper["seed"] + 1)
         for rec in first:
             step = rec["step"] - 1
             batch = training_batch(hyper["seed"], step, hyper["t2i_batch"], hyper["edit_batch"], tw.tokenizer,
                                    hyper.get("mix", "uniform"))
-            state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+            state, metrics = step_fn(state, batch, jax.random.fold_in(key, step), step)
             for k in ("loss", "loss_t2i", "loss_edit"):
                 assert float(metrics[k]) == pytest.approx(rec[k], rel=1e-4), (hyper.get("init_from"), rec["step"], k)
 

@@ -31,7 +31,11 @@ def register(sub) -> None:
                     "uniform (default), binding (more 2-3 object scenes and replace edits), pairs (mostly 2-object scenes)")
     tr.add_argument("--pooled", choices=POOLED, default=DEFAULTS["pooled"],
                     help="the transformer's pooled-text input: mean (the masked mean of the text states, default) "
-                         "or off (its projection held at zero: the prompt reaches the image only through attention)")
+                         "or off (its projection held at zero: the prompt reaches the image only through attention), "
+                         "or fade (from --init-from weights: that projection scaled from 1 to 0 over --fade-steps, "
+                         "then held at zero)")
+    tr.add_argument("--fade-steps", type=int, default=DEFAULTS["fade_steps"], metavar="N",
+                    help="with --pooled fade: the steps over which the pooled-text input fades out")
     tr.add_argument("--init-from", metavar="DIR", help="start from this weights folder's transformer and text "
                     "encoder instead of random initialisation (a continued phase with its own schedule)")
     tr.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N",
@@ -108,7 +112,7 @@ def _train(args) -> int:
             detector = Detector.load(args.detector_weights)
         info = train(args.run, seed=args.seed, steps=args.steps or DEFAULTS["steps"], t2i_batch=args.t2i_batch,
                      edit_batch=args.edit_batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
-                     mix=args.mix, init_from=args.init_from, pooled=args.pooled,
+                     mix=args.mix, init_from=args.init_from, pooled=args.pooled, fade_steps=args.fade_steps,
                      eval_every=args.eval_every, eval_n=args.eval_n, detector=detector, export=args.export,
                      command=_command(), progress=not args.no_progress)
     print(json.dumps(info, indent=2))

@@ -37,11 +37,15 @@ from jaxdit.toyworld.data import training_batch
 from jaxdit.toyworld.tokenizer import WordTokenizer
 
 DEFAULTS = dict(seed=0, steps=7000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
-                checkpoint_every=200, mix="uniform", init_from=None, pooled="mean")
+                checkpoint_every=200, mix="uniform", init_from=None, pooled="mean", fade_steps=0)
 # What the transformer's pooled-text input is: "mean", the masked mean of the T5 states (FLUX takes CLIP's
 # pooled vector there); "off", that input's projection held at exactly zero (kernel zero, its gradient
-# dropped), so the prompt reaches the image only through attention, never through the blocks' modulation.
-POOLED = ("mean", "off")
+# dropped), so the prompt reaches the image only through attention, never through the blocks' modulation;
+# "fade", a continued phase that moves a trained model from "mean" to "off": the projection's kernel is scaled
+# from 1 to 0 over the first `fade_steps` steps and is zero from then on (and in the exported weights), so the
+# model learns to carry the prompt through attention while the modulation's share shrinks, instead of losing
+# it at once (a phase 3 started at "off" fell to safe accuracy 0.32; docs/toyworld.md).
+POOLED = ("mean", "off", "fade")
 POOLED_KERNEL = ("transformer", "time_text_embed", "text_embedder", "linear_1", "kernel")
 
 FINAL_LR_FRACTION = 0.05
@@ -89,13 +93,26 @@ def without_pooled(tree):
     return _at(tree, POOLED_KERNEL, jnp.zeros_like)
 
 
-def make_step(cfg: M.ToyConfig, opt, ema_decay: float, pooled: str = "mean"):
+def pooled_scale(step, fade_steps: int):
+    """The pooled-text kernel's factor at `step` of a "fade" phase: 1 -> 0 linearly, then 0."""
+    return jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / fade_steps, 0.0, 1.0)
+
+
+def with_pooled_scaled(tree, scale):
+    return _at(tree, POOLED_KERNEL, lambda k: k * scale)
+
+
+def make_step(cfg: M.ToyConfig, opt, ema_decay: float, pooled: str = "mean", fade_steps: int = 0):
+    """The jitted training step `step(state, batch, key, index)`; `index` (the step number) matters only to
+    pooled "fade"."""
     @jax.jit
-    def step(state, batch, key):
+    def step(state, batch, key, index=0):
         params, ema, opt_state = state["params"], state["ema"], state["opt_state"]
         k1, k2 = jax.random.split(key)
 
         def loss_fn(p):
+            if pooled == "fade":
+                p = with_pooled_scaled(p, pooled_scale(index, fade_steps))
             t, e = batch["t2i"], batch["edit"]
             lt = flow_loss(p, cfg, t["image"], t["ids"], t["mask"], k1, weight=t["weight"])
             le = flow_loss(p, cfg, e["image"], e["ids"], e["mask"], k2, e["context"], weight=e["weight"])
@@ -113,9 +130,15 @@ def make_step(cfg: M.ToyConfig, opt, ema_decay: float, pooled: str = "mean"):
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_step(cfg: M.ToyConfig, lr: float, warmup: int, steps: int, ema_decay: float, pooled: str = "mean"):
+def compiled_step(cfg: M.ToyConfig, lr: float, warmup: int, steps: int, ema_decay: float, pooled: str = "mean",
+                  fade_steps: int = 0):
     """The jitted step for these settings, built once per process (a resumed run does not recompile)."""
-    return make_step(cfg, make_optimizer(lr, warmup, steps), ema_decay, pooled)
+    return make_step(cfg, make_optimizer(lr, warmup, steps), ema_decay, pooled, fade_steps)
+
+
+def _effective(params, pooled: str, fade_steps: int, step: int):
+    """The weights the model runs with after `step` steps: a "fade" phase's kernel at its current scale."""
+    return with_pooled_scaled(params, pooled_scale(step, fade_steps)) if pooled == "fade" else params
 
 
 def debiased_ema(ema, init, decay: float, steps: int):
@@ -211,12 +234,13 @@ def _base_info(init_from) -> dict | None:
 
 
 def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warmup=100, ema=0.99,
-          mix: str = "uniform", init_from: str | None = None, pooled: str = "mean",
+          mix: str = "uniform", init_from: str | None = None, pooled: str = "mean", fade_steps: int = 0,
           checkpoint_every=200, eval_every: int = 0, eval_n: int = 16, detector=None,
           export: str | None = None, command: str = "", progress=True) -> dict:
     """Train (resuming from the latest state in `run`), then export the debiased EMA weights to `export`.
 
-    mix: a `data.MIXES` name. pooled: one of POOLED. init_from: a weights folder to start from instead of
+    mix: a `data.MIXES` name. pooled: one of POOLED (fade_steps: the length of a "fade", 0 < it <= steps,
+    from trained weights). init_from: a weights folder to start from instead of
     random initialisation (its training record is kept in the export's `base`).
     eval_every > 0: every that many steps (and at the end) append a learning-curve point to curve.jsonl,
     read by `detector` (a jaxdit.toyworld.detector.Detector).
@@ -227,12 +251,17 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
         raise ValueError(f"--mix {mix!r}: expected one of {sorted(MIXES)}")
     if pooled not in POOLED:
         raise ValueError(f"--pooled {pooled!r}: expected one of {list(POOLED)}")
+    if pooled == "fade" and not (0 < fade_steps <= steps and init_from):
+        raise ValueError(f"--pooled fade needs --init-from and 0 < --fade-steps <= --steps (got --fade-steps "
+                         f"{fade_steps}, --steps {steps})")
     run = Path(run).absolute()  # orbax needs absolute paths
     hyper = dict(seed=seed, steps=steps, t2i_batch=t2i_batch, edit_batch=edit_batch, lr=lr, warmup=warmup, ema=ema)
     if (mix, init_from) != ("uniform", None):  # keys of the first phase's record stay as they were
         hyper.update(mix=mix, init_from=None if init_from is None else str(init_from))
     if pooled != "mean":
         hyper["pooled"] = pooled
+    if pooled == "fade":
+        hyper["fade_steps"] = fade_steps
     tok = WordTokenizer.from_grammar()
     cfg = M.ToyConfig(M.FLUX_CONFIG, M.t5_config(len(tok)))
     opt = make_optimizer(lr, warmup, steps)
@@ -249,7 +278,7 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
                              "the learning-rate schedule depends on --steps, so resume with the run's own")
         state = ocp.StandardCheckpointer().restore(path / "state", jax.tree.map(np.asarray, state))
     (run / "hyper.json").write_text(json.dumps(hyper))
-    step_fn = compiled_step(cfg, lr, warmup, steps, ema, pooled)
+    step_fn = compiled_step(cfg, lr, warmup, steps, ema, pooled, fade_steps)
     key = jax.random.key(seed + 1)
     elapsed = json.loads((run / "elapsed.json").read_text())["seconds"] if (run / "elapsed.json").exists() else 0.0
     t0, eval_seconds = time.time(), 0.0
@@ -261,7 +290,7 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
     log = open(run / "log.jsonl", "a")
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="toyworld train")
     for step, batch in zip(range(start, steps), _prefetch(seed, start, steps, t2i_batch, edit_batch, tok, mix)):
-        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step), step)
         bar.update(1)
         done = step + 1
         if done <= FIRST_STEPS:  # what a reproduction check re-runs and compares (tests/test_toyworld_model.py)
@@ -275,7 +304,8 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
             log.flush()
         if eval_every and (done % eval_every == 0 or done == steps):
             e0 = time.time()
-            point = curve_point(debiased_ema(state["ema"], init, ema, done), cfg, tok, detector, eval_n)
+            point = curve_point(_effective(debiased_ema(state["ema"], init, ema, done), pooled, fade_steps, done),
+                                cfg, tok, detector, eval_n)
             eval_seconds += time.time() - e0
             with open(run / "curve.jsonl", "a") as f:
                 f.write(json.dumps({"step": done, "train_seconds": round(trained(), 1), "n": eval_n, **point}) + "\n")
@@ -292,7 +322,7 @@ def train(run, *, seed=0, steps=3000, t2i_batch=32, edit_batch=16, lr=2e-3, warm
         from jaxdit.toyworld.weights import save_weights
 
         info["reproduce"] = _reproduce(hyper, steps)
-        weights = debiased_ema(state["ema"], init, ema, steps)
+        weights = _effective(debiased_ema(state["ema"], init, ema, steps), pooled, fade_steps, steps)
         save_weights(export, cfg, jax.device_get(weights), tok, info)
     return info
 
@@ -392,8 +422,10 @@ def export_from_run(run, out, command: str = "", which: str = "ema") -> dict:
     base = _base_info(hyper.get("init_from"))
     if base is not None:
         info["base"] = base
+    pooled = hyper.get("pooled", "mean")
     weights = (state["params"] if which == "params" else
-               debiased_ema(state["ema"], initial_params(cfg, hyper["seed"], hyper.get("init_from"), hyper.get("pooled", "mean")),
+               debiased_ema(state["ema"], initial_params(cfg, hyper["seed"], hyper.get("init_from"), pooled),
                             hyper["ema"], step))
+    weights = _effective(weights, pooled, hyper.get("fade_steps", 0), step)
     save_weights(out, cfg, jax.device_get(weights), tok, info)
     return info
