@@ -368,3 +368,26 @@ def test_anchor_collection_steps():
     assert len(anc.collection_steps(t, "reference")) == 0  # the reference's 28-step T2I run never saves
     with pytest.raises(ValueError, match="timing"):
         anc.collection_steps(t, "sometimes")
+
+
+def test_localize_t_keeps_the_start_up_mask_for_the_rest_of_the_window():
+    """RegulateConfig.localize_t: text-to-image regulates at every step of the window but re-localizes only
+    while t >= localize_t; without it the mask follows the scores to the last step."""
+    from jaxdit.safety.uvr.localize import LocalizeConfig
+
+    h, w, b = 8, 8, 1
+    geo = _geometry(h, w, 3, ctx=False)
+    early, late = np.zeros((b, h, w), np.float32), np.zeros((b, h, w), np.float32)
+    early[0, 1:4, 1:4], late[0, 4:7, 4:7] = 1.0, 1.0
+    masks = {}
+    for localize_t in (None, 850.0):
+        ctl = UVRController(jnp.ones((1, 1, 1)), jax.random.key(0), "t2i", LocalizeConfig(threshold=0.5, min_area=1),
+                            RegulateConfig(window_t=0.0, localize_t=localize_t, t2i="restrict"))
+        state = ctl.update(ctl.init(b, geo), _captures(early), jnp.int32(0), jnp.float32(900.0), geo)
+        assert np.asarray(state["core"])[0, 1:4, 1:4].all()
+        state = ctl.update(state, _captures(late), jnp.int32(6), jnp.float32(400.0), geo)
+        masks[localize_t] = np.asarray(state["core"])[0]
+    assert masks[850.0][1:4, 1:4].all() and not masks[850.0][4:7, 4:7].any()
+    assert masks[None][4:7, 4:7].all() and not masks[None][1:4, 1:4].any()
+    cfg = RegulateConfig(window_t=0.0, localize_t=850.0)
+    assert [bool(cfg.relocalize(jnp.float32(t))) for t in (1000, 850, 849, 0)] == [True, True, False, False]

@@ -157,7 +157,8 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
 
     kind: "kmeans" (`num_anchors` centroids of the concept's patches per head, the reference's kind of bank)
     or "discriminant" (`anchors.discriminant_anchors`: the concept's patches against every other patch of
-    the same runs and of `n` safe-suite items per mode, which show the other objects alone).
+    the same runs and of the safe-suite items of a draw of 4n (about 2n per mode), which show the other objects
+    alone; their highest scores are the presence gate).
     """
     if kind not in BANK_KINDS:
         raise ValueError(f"bank kind {kind!r}: expected one of {list(BANK_KINDS)}")
@@ -166,10 +167,12 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
     t2i_items = [it for s in ("explicit", "paraphrased", "mixed") for it in
                  build_suite(c, s, n // 3, CALIBRATION_SEED)]
     edit_items = build_suite(c, "benign_edits", n, CALIBRATION_SEED)
-    if kind == "discriminant":
+    n_safe = 0
+    if kind == "discriminant":  # every safe item of the draw (about 2n per mode): the gate is their maximum
         safe = build_suite(c, "safe", 4 * n, CALIBRATION_SEED)
-        t2i_items += [it for it in safe if it.task == "t2i"][:n]
-        edit_items += [it for it in safe if it.task == "edit"][:n]
+        safe_t2i, safe_edit = [it for it in safe if it.task == "t2i"], [it for it in safe if it.task == "edit"]
+        t2i_items, edit_items = t2i_items + safe_t2i, edit_items + safe_edit
+        n_safe = {"t2i": len(safe_t2i), "edit": len(safe_edit)}
     sets = {
         "t2i": (t2i_items, lambda chunk, out: detected_tokens(detector, out, c)),
         "edit": (edit_items, lambda chunk, out: true_tokens([it.source for it in chunk], c)),
@@ -189,7 +192,7 @@ def build_bank(tw, detector, concept="star", *, n: int = 48, num_anchors: int = 
         cut, f1 = best_threshold(scores, labels)
         meta[f"{mode}_threshold"], meta[f"{mode}_f1"] = cut, f1
         if kind == "discriminant":  # the safe items' highest scores, for the presence gate (`uvr_method`)
-            top = _image_max(scores, len(items), len(seen), batch)[-n:]
+            top = _image_max(scores, len(items), len(seen), batch)[-n_safe[mode]:]
             meta[f"{mode}_safe_max"] = sorted(float(v) for v in top)
         meta[f"{mode}_vectors"], meta[f"{mode}_items"] = int(len(vecs)), len(items)
     return Bank(c.value, anchors["t2i"], anchors["edit"], meta)
@@ -209,7 +212,7 @@ def _image_max(scores: np.ndarray, n_items: int, n_steps: int, batch: int) -> np
 def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core_scale: float = 0.2,
                ring_scale: float = 0.4, amplify: float = 1.05, noise_keep: float = 0.001, blocks: str = "*",
                threshold_scale: float = 1.0, t2i: str = "noise", reference: bool = False,
-               presence: float | None = None, generated: dict | None = None) -> dict:
+               presence: float | None = None, generated: dict | None = None, localize_t: float | None = None) -> dict:
     """{"t2i": {"controller": ...}, "edit": {"controller": ...}} for `run_suites` / ToyWorld.generate/edit.
 
     t2i: the text-to-image regulation (`RegulateConfig.t2i`); reference: the reference code's rules
@@ -217,11 +220,14 @@ def uvr_method(bank: Bank, *, seed: int = 0, window_t: float | None = None, core
     presence: with a discriminant bank, the image-level gate (`LocalizeConfig.presence`) at this quantile of
     the safe calibration images' highest scores (1.0: above every one of them); generated: editing also
     regulates the generated patches as text-to-image does, with these text-to-image settings (for a
-    concept the instruction asks for, which the source image does not hold), a second controller.
+    concept the instruction asks for, which the source image does not hold), a second controller;
+    localize_t: text-to-image keeps the mask found while t >= localize_t (`RegulateConfig.localize_t`).
     """
     window_t = bank.meta["window_t"] if window_t is None else window_t
     kw = dict(core_scale=core_scale, ring_scale=ring_scale, amplify=amplify, noise_keep=noise_keep,
               window_t=window_t, blocks=blocks, localize_at=bank.meta["position"])
+    if localize_t is not None:
+        kw["localize_t"] = localize_t
     rng = jax.random.key(seed)
     out = {}
     for mode, anchors, scale in (("t2i", bank.t2i, T2I_LOCALIZE), ("edit", bank.edit, EDIT_LOCALIZE)):
@@ -281,6 +287,13 @@ T2I_GRID = (
     {"t2i": "restrict+noise", "window_t": 600.0, "presence": 1.0, **_CUT},
     {"t2i": "restrict+noise", "window_t": 0.0, "presence": 1.0, **_CUT},
     {"t2i": "restrict+noise", "window_t": 0.0, "presence": 0.95, **_CUT},
+    # Restricted at every step on the mask of the start-up stage (the steps the bank and its gate saw), or
+    # of its first steps alone.
+    {"t2i": "restrict", "window_t": 0.0, "localize_t": STARTUP_T, "presence": 1.0, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, "localize_t": 950.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict+noise", "window_t": 0.0, "localize_t": 950.0, "presence": 1.0, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, "localize_t": 950.0, "presence": 0.98, **_CUT},
+    {"t2i": "restrict", "window_t": 0.0, "localize_t": STARTUP_T, "presence": 0.98, **_CUT},
 )
 EDIT_GRID = (
     {},
@@ -293,9 +306,19 @@ EDIT_GRID = (
     # Also the flow from the instruction into the generated patches, as in text-to-image (add edits).
     {"window_t": 300.0, "presence": 1.0, **_CUT, "generated": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0,
                                                                **_CUT}},
+    {"window_t": 300.0, "presence": 0.95, **_CUT, "generated": {"t2i": "restrict", "window_t": 0.0, "localize_t": 950.0,
+                                                                "presence": 1.0, **_CUT}},
 )
 # What the calibration chose on the committed weights with a discriminant bank (benchmarks/RESULTS.md), used by
-# the notebook: text-to-image restricted at every step; editing restricted from the source image until t = 300
-# and, as text-to-image is, on the generated patches.
-SETTINGS: dict = {"t2i": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0, **_CUT},
-                  "edit": {"window_t": 300.0, "presence": 1.0, **_CUT, "generated": EDIT_GRID[-1]["generated"]}}
+# the notebook: text-to-image restricted at every step on the first step's mask (gate at the safe images' 98th
+# percentile); editing restricted from the source image until t = 300 and, as text-to-image is, on the
+# generated patches.
+SETTINGS: dict = {"t2i": {"t2i": "restrict", "window_t": 0.0, "localize_t": 950.0, "presence": 0.98, **_CUT},
+                  "edit": {"window_t": 300.0, "presence": 1.0, **_CUT,
+                           "generated": {"t2i": "restrict", "window_t": 0.0, "presence": 1.0, **_CUT}}}
+# What it chose on `weights_attention` (the variant without the pooled-text input): text-to-image restricted
+# at every step on the mask of the start-up stage (gate at the safe images' 98th percentile); editing
+# restricted from the source image until t = 300 (gate at the 95th).
+SETTINGS_ATTENTION: dict = {"t2i": {"t2i": "restrict", "window_t": 0.0, "localize_t": STARTUP_T, "presence": 0.98,
+                                    **_CUT},
+                            "edit": {"window_t": 300.0, "presence": 0.95, **_CUT}}

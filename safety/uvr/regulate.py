@@ -56,6 +56,9 @@ class RegulateConfig:
     renormalise: bool = False  # additive-bias variant (a different method, see module docstring)
     noise_keep: float = 0.001  # text-to-image: x' = keep * x + (1 - keep) * N(0, 1)
     window_t: float = 850.0  # start-up window: scheduler timestep (sigma * 1000) >= window_t
+    # Text-to-image: re-localize only while t >= localize_t, then keep that mask for the rest of the window
+    # (None: while regulating). A mask read in the start-up stage holds when the regulation runs longer.
+    localize_t: float | None = None
     blocks: str = "*"  # which blocks are modulated: "*", "double.*", "single.10", ...
     localize_at: str = "single.10.img.attn_heads"
     t2i: str = "noise"  # text-to-image regulation: "noise", "restrict" (text_restriction) or "restrict+noise"
@@ -95,10 +98,12 @@ class RegulateConfig:
         return self.timestep(t) == self.threshold(1000.0)
 
     def relocalize(self, t: jax.Array) -> jax.Array:
-        """Whether text-to-image re-localizes at this step: t >= window_t, or the reference's
-        `int(timestep) > window_t` (an integer comparison, no cast)."""
+        """Whether text-to-image re-localizes at this step: t >= window_t (and t >= localize_t when set), or
+        the reference's `int(timestep) > window_t` (an integer comparison, no cast)."""
         if self.relocalize_above:
             return jnp.floor(self.timestep(t)) > self.window_t
+        if self.localize_t is not None:
+            return self.in_window(t) & (self.timestep(t) >= self.threshold(self.localize_t))
         return self.in_window(t)
 
 
